@@ -1,0 +1,3 @@
+from astcli.cli import main
+
+main()
