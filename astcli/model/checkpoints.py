@@ -1,0 +1,340 @@
+"""Checkpoint formats: our own directory, Hugging Face transformers AST, original AST and ElasticAST files.
+
+Every loader returns ``(ModelConfig, state_dict)`` in our key names; weights are read with safetensors
+or ``torch.load(weights_only=True)``, never unpickled unsafely. Problems raise one-line ``ModelError``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from astcli.errors import ModelError
+from astcli.model.config import DEFAULT_STATS, ModelConfig
+
+OWN_FORMAT = "astcli-model"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+AUDIOSET_CLASSES = 527
+
+
+# -- reading files -------------------------------------------------------------------------------------
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch pickle file, loaded safely, ``module.`` prefixes removed."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ModelError(f"{path}: is a directory, not a checkpoint file") from None
+    except Exception as exc:  # torch and safetensors raise many types for bad files
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
+    for wrapper in ("state_dict", "model_state", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: does not hold a dictionary of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names from an AudioSet-style ``index,mid,display_name`` CSV, a JSON list or
+    ``{index: name}`` mapping, or a text file with one label per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from None
+        data = data.get("id2label", data) if isinstance(data, dict) else data
+        if isinstance(data, dict):
+            return [str(data[k]) for k in sorted(data, key=int)]
+        if isinstance(data, list):
+            return [str(x) for x in data]
+        raise ModelError(f"{path}: labels JSON must be a list or an index->name mapping")
+    rows = list(csv.reader(text.splitlines()))
+    if rows and [c.strip().lower() for c in rows[0][:3]] == ["index", "mid", "display_name"]:
+        try:
+            pairs = sorted((int(r[0]), r[2].strip()) for r in rows[1:] if r)
+        except (ValueError, IndexError):
+            raise ModelError(f"{path}: malformed index,mid,display_name row") from None
+        return [name for _, name in pairs]
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise ModelError(f"{path}: no labels in file")
+    return labels
+
+
+# -- our own format ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: str | Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "model.safetensors")
+    payload = {"format": OWN_FORMAT, **config.to_dict()}
+    (directory / "config.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def _load_own(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    try:
+        config = ModelConfig.from_dict(meta)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{directory}/config.json: {exc}") from None
+    return config, read_weights(_weights_file(directory, ("model.safetensors",)))
+
+
+def _weights_file(directory: Path, names: tuple[str, ...]) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ModelError(f"{directory}: no weights file ({' or '.join(names)})")
+
+
+# -- Hugging Face transformers AST ---------------------------------------------------------------------
+
+
+def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
+    """A transformers ``ASTForAudioClassification`` directory (config.json + weights + preprocessor)."""
+    prep_file = directory / "preprocessor_config.json"
+    prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
+    id2label = meta.get("id2label") or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    try:
+        mean, std = prep.get("mean", DEFAULT_STATS["ast"][0]), prep.get("std", DEFAULT_STATS["ast"][1])
+        num_classes = len(labels)
+        problem = meta.get("problem_type")
+        multi = problem == "multi_label_classification" or (problem is None and num_classes == AUDIOSET_CLASSES)
+        config = ModelConfig(
+            family="ast", dim=meta["hidden_size"], depth=meta["num_hidden_layers"],
+            heads=meta["num_attention_heads"], mlp_dim=meta["intermediate_size"],
+            patch_size=meta.get("patch_size", 16), freq_stride=meta.get("frequency_stride", 10),
+            time_stride=meta.get("time_stride", 10), num_mel_bins=meta.get("num_mel_bins", 128),
+            max_frames=meta.get("max_length", 1024), layer_norm_eps=meta.get("layer_norm_eps", 1e-12),
+            qkv_bias=meta.get("qkv_bias", True), num_classes=num_classes, multi_label=multi,
+            sample_rate=prep.get("sampling_rate", 16000), mean=float(mean), std=float(std), labels=labels,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from None
+    hf = read_weights(_weights_file(directory, HF_WEIGHTS))
+    return config, convert_hf_ast(hf, config)
+
+
+def convert_hf_ast(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers AST keys -> ours."""
+    a = "audio_spectrogram_transformer."
+    e = a + "embeddings."
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise ModelError(f"AST checkpoint lacks {key}")
+        return hf[key]
+
+    pos = take(e + "position_embeddings")[0]
+    out["prefix"] = torch.cat([take(e + "cls_token")[0], take(e + "distillation_token")[0]])
+    out["prefix_pos"] = pos[:2]
+    out["pos_grid"] = _grid(pos[2:], config)
+    weight = take(e + "patch_embeddings.projection.weight")
+    out["patch_embed.weight"] = weight.reshape(weight.shape[0], -1)
+    out["patch_embed.bias"] = take(e + "patch_embeddings.projection.bias")
+    for i in range(config.depth):
+        src, dst = f"{a}encoder.layer.{i}.", f"blocks.{i}."
+        qkv = [src + f"attention.attention.{n}" for n in ("query", "key", "value")]
+        out[dst + "attn.qkv.weight"] = torch.cat([take(k + ".weight") for k in qkv])
+        if config.qkv_bias:
+            out[dst + "attn.qkv.bias"] = torch.cat([take(k + ".bias") for k in qkv])
+        for ours, theirs in (("attn.proj", "attention.output.dense"), ("fc1", "intermediate.dense"),
+                             ("fc2", "output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
+            out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
+    for ours, theirs in (("norm", a + "layernorm"), ("head_norm", "classifier.layernorm"), ("head", "classifier.dense")):
+        out[ours + ".weight"], out[ours + ".bias"] = take(theirs + ".weight"), take(theirs + ".bias")
+    return out
+
+
+def _grid(flat: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    f, t = config.grid_freq, config.grid_time
+    if flat.shape[0] != f * t:
+        raise ModelError(f"position table has {flat.shape[0]} entries, the config implies {f}x{t}")
+    return flat.reshape(f, t, -1)
+
+
+# -- original AST (.pth) -------------------------------------------------------------------------------
+
+COMMON_FRAMES = (1024, 512, 128, 100)
+
+
+def convert_original_ast(state: dict[str, torch.Tensor], labels: list[str]) -> tuple[ModelConfig, dict]:
+    """YuanGongND/ast checkpoint (``v.*`` + ``mlp_head.*``): strides from the position table's size."""
+    pos, weight = state["v.pos_embed"][0], state["v.patch_embed.proj.weight"]
+    dim, patch = weight.shape[0], weight.shape[-1]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("v.blocks."))
+    n_prefix = 2 if "v.dist_token" in state else 1
+    stride, frames = _ast_geometry(pos.shape[0] - n_prefix, patch)
+    num_classes = state["mlp_head.1.weight"].shape[0]
+    mean, std = DEFAULT_STATS["ast"]
+    config = ModelConfig(
+        family="ast", dim=dim, depth=depth, heads=max(1, dim // 64), mlp_dim=state["v.blocks.0.mlp.fc1.weight"].shape[0],
+        patch_size=patch, freq_stride=stride, time_stride=stride, max_frames=frames, prefix_tokens=n_prefix,
+        pooling="cls_dist" if n_prefix == 2 else "cls", layer_norm_eps=1e-6, qkv_bias="v.blocks.0.attn.qkv.bias" in state,
+        num_classes=num_classes, multi_label=num_classes == AUDIOSET_CLASSES, mean=mean, std=std, labels=labels,
+    )
+    prefix = [state["v.cls_token"][0]] + ([state["v.dist_token"][0]] if n_prefix == 2 else [])
+    out = {
+        "prefix": torch.cat(prefix), "prefix_pos": pos[:n_prefix], "pos_grid": _grid(pos[n_prefix:], config),
+        "patch_embed.weight": weight.reshape(dim, -1), "patch_embed.bias": state["v.patch_embed.proj.bias"],
+        "norm.weight": state["v.norm.weight"], "norm.bias": state["v.norm.bias"],
+        "head_norm.weight": state["mlp_head.0.weight"], "head_norm.bias": state["mlp_head.0.bias"],
+        "head.weight": state["mlp_head.1.weight"], "head.bias": state["mlp_head.1.bias"],
+    }
+    for key, value in state.items():
+        if key.startswith("v.blocks."):
+            out[key[2:].replace("mlp.", "")] = value
+    return config, out
+
+
+def _ast_geometry(n_patches: int, patch: int, mel: int = 128) -> tuple[int, int]:
+    """(stride, frames) of an AST position table with ``n_patches`` entries (equal strides, as released)."""
+    for stride in range(patch, 0, -1):
+        f = (mel - patch) // stride + 1
+        if n_patches % f:
+            continue
+        t = n_patches // f
+        for frames in COMMON_FRAMES:
+            if (frames - patch) // stride + 1 == t:
+                return stride, frames
+        if t >= 1 and (f > 1 or stride == patch):
+            return stride, (t - 1) * stride + patch
+    raise ModelError(f"cannot infer patch strides from a position table of {n_patches} patches")
+
+
+# -- original ElasticAST (.pth) ------------------------------------------------------------------------
+
+
+def convert_elastic(state: dict[str, torch.Tensor], labels: list[str]) -> tuple[ModelConfig, dict]:
+    """JiuFengSC/ElasticAST checkpoint: factorised positions, attention pooling, no attention scale."""
+    weight = state["patch_embed.0.weight"]
+    dim, patch = weight.shape[0], math.isqrt(weight.shape[1])
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("blocks.modules_list."))
+    num_classes = state["head.weight"].shape[0]
+    mean, std = DEFAULT_STATS["elastic"]
+    config = ModelConfig(
+        family="elastic", dim=dim, depth=depth, heads=max(1, dim // 64),
+        mlp_dim=state["blocks.modules_list.0.mlp.fc1.weight"].shape[0], patch_size=patch, freq_stride=patch,
+        time_stride=patch, num_mel_bins=state["pos_embed_freq"].shape[0] * patch,
+        max_frames=state["pos_embed_time"].shape[0] * patch, prefix_tokens=0, pooling="attention",
+        attn_scale=False, qkv_bias="blocks.modules_list.0.attn.to_q.bias" in state, num_classes=num_classes,
+        multi_label=num_classes == AUDIOSET_CLASSES, mean=mean, std=std, labels=labels,
+    )
+    out = {
+        "patch_embed.weight": weight, "patch_embed.bias": state["patch_embed.0.bias"],
+        "pos_freq": state["pos_embed_freq"], "pos_time": state["pos_embed_time"],
+        "pool.query": state["attn_pool_queries"],
+    }
+    renames = {"norm.": "norm.", "mlp_norm.": "head_norm.", "head.": "head.", "attn_pool.to_q.": "pool.q.",
+               "attn_pool.to_kv.": "pool.kv.", "attn_pool.proj.": "pool.proj."}
+    for key, value in state.items():
+        for theirs, ours in renames.items():
+            if key.startswith(theirs):
+                out[ours + key[len(theirs):]] = value
+        if key.startswith("blocks.modules_list."):
+            rest = key[len("blocks.modules_list."):].replace("mlp.", "")
+            if ".attn.to_q." in rest:
+                kv = state[key.replace("to_q", "to_kv")]
+                out["blocks." + rest.replace("to_q", "qkv")] = torch.cat([value, kv])
+            elif ".attn.to_kv." not in rest:
+                out["blocks." + rest] = value
+    return config, out
+
+
+# -- dispatch ------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[ModelConfig, dict]:
+    """Read a local checkpoint of any supported format into ``(config, state_dict)``."""
+    path = Path(path)
+    if path.is_dir():
+        meta_file = path / "config.json"
+        if not meta_file.is_file():
+            raise ModelError(f"{path}: no config.json in model directory")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{meta_file}: not valid JSON") from None
+        if meta.get("format") == OWN_FORMAT:
+            config, state = _load_own(path, meta)
+        elif meta.get("model_type") == "audio-spectrogram-transformer":
+            config, state = _load_hf(path, meta)
+        else:
+            raise ModelError(f"{path}: config.json is neither an astcli nor a transformers AST model")
+    elif path.is_file():
+        state = read_weights(path)
+        try:
+            if "v.pos_embed" in state:
+                config, state = convert_original_ast(state, [])
+            elif "pos_embed_freq" in state:
+                config, state = convert_elastic(state, [])
+            else:
+                raise ModelError(f"{path}: not an AST or ElasticAST checkpoint (unknown keys)")
+        except KeyError as exc:
+            raise ModelError(f"{path}: checkpoint lacks {exc.args[0]}") from None
+    else:
+        raise ModelError(f"{path}: no such file or directory")
+    if labels is not None:
+        if len(labels) != config.num_classes:
+            raise ModelError(f"{len(labels)} labels given for a model with {config.num_classes} classes")
+        config.labels = list(labels)
+    return config, state
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch (or find in the standard cache; ``HF_HUB_OFFLINE=1`` honoured) only the files a transformers
+    AST model needs; returns the snapshot directory."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+
+    try:
+        config = fetch("config.json")
+        for name in ("preprocessor_config.json",):
+            try:
+                fetch(name)
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                pass
+        for name in HF_WEIGHTS:
+            try:
+                fetch(name)
+                break
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                continue
+    except HFValidationError:
+        raise ModelError(f"{repo_id}: not a file, preset or valid hub id") from None
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{repo_id}: not in the local Hugging Face cache and the hub is not reachable") from None
+    except Exception as exc:  # network and hub errors of many kinds
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{repo_id}: cannot fetch from the Hugging Face hub ({reason})") from None
+    return config.parent

@@ -1,0 +1,128 @@
+"""One configuration for both model families: AST (Gong et al. 2021) and ElasticAST (Feng et al. 2024)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FAMILIES = ("ast", "elastic")
+POOLINGS = ("cls_dist", "cls", "attention", "mean")
+
+# Per-family defaults for checkpoints that carry no statistics of their own.
+DEFAULT_STATS = {"ast": (-4.2677393, 4.5689974), "elastic": (-4.414, 4.905)}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, preprocessing and labels of a tagger; saved as config.json next to the weights.
+
+    ``family="ast"``: overlapping patches (strides < patch size), a learned 2-D position grid
+    ``grid_freq x grid_time``, CLS + distillation tokens, windows padded to ``max_frames``.
+    ``family="elastic"``: non-overlapping patches, factorised position tables (frequency + time),
+    attention pooling, clips at native length up to ``max_frames``.
+    """
+
+    family: str = "ast"
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 16
+    freq_stride: int = 10
+    time_stride: int = 10
+    num_mel_bins: int = 128
+    max_frames: int = 1024
+    prefix_tokens: int = 2
+    pooling: str = "cls_dist"
+    attn_scale: bool = True
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    num_classes: int = 527
+    multi_label: bool = True
+    sample_rate: int = 16000
+    hop_ms: float = 10.0
+    mean: float = -4.2677393
+    std: float = 4.5689974
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r} (expected one of {FAMILIES})")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r} (expected one of {POOLINGS})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.labels and len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels for a head of {self.num_classes} classes")
+        if self.pooling == "cls_dist" and self.prefix_tokens != 2:
+            raise ValueError("cls_dist pooling needs prefix_tokens=2")
+        if self.pooling == "cls" and self.prefix_tokens < 1:
+            raise ValueError("cls pooling needs prefix_tokens>=1")
+
+    @property
+    def grid_freq(self) -> int:
+        """Patches along frequency."""
+        return (self.num_mel_bins - self.patch_size) // self.freq_stride + 1
+
+    @property
+    def grid_time(self) -> int:
+        """Patches along time at ``max_frames`` (size of the learned time positions)."""
+        return self.time_patches(self.max_frames)
+
+    @property
+    def pads_to_window(self) -> bool:
+        """AST checkpoints were trained at one length: every window is padded/truncated to it."""
+        return self.family == "ast"
+
+    @property
+    def window_seconds(self) -> float:
+        """Audio seconds in one full-length window."""
+        return self.max_frames * self.hop_ms / 1000.0
+
+    def time_patches(self, frames: int) -> int:
+        """Patches along time for a clip of ``frames`` feature frames (0 when shorter than a patch)."""
+        if frames < self.patch_size:
+            return 0
+        return (frames - self.patch_size) // self.time_stride + 1
+
+    def tokens(self, frames: int) -> int:
+        """Sequence length of one clip of ``frames`` frames, prefix tokens included."""
+        return self.grid_freq * self.time_patches(frames) + self.prefix_tokens
+
+    def label(self, index: int) -> str:
+        """Display name of class ``index`` (its number where the checkpoint has no labels)."""
+        return self.labels[index] if self.labels else str(index)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def ast_config(size: str = "base", **overrides) -> ModelConfig:
+    """An AST architecture of a named size (tiny/small/base), stride 10, 1024 frames."""
+    dims = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+    dim, depth, heads = dims[size]
+    base = dict(family="ast", dim=dim, depth=depth, heads=heads, mlp_dim=4 * dim)
+    return ModelConfig(**{**base, **overrides})
+
+
+def elastic_config(size: str = "base", **overrides) -> ModelConfig:
+    """An ElasticAST architecture of a named size: 16x16 patches without overlap, attention pooling."""
+    dims = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+    dim, depth, heads = dims[size]
+    mean, std = DEFAULT_STATS["elastic"]
+    base = dict(
+        family="elastic", dim=dim, depth=depth, heads=heads, mlp_dim=4 * dim, freq_stride=16,
+        time_stride=16, max_frames=1024, prefix_tokens=0, pooling="attention", attn_scale=False,
+        mean=mean, std=std,
+    )
+    return ModelConfig(**{**base, **overrides})

@@ -1,0 +1,51 @@
+"""Named models: TOML cards in ``models/`` (hub id + revision, or ensemble members)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import astcli
+from astcli.errors import ModelError
+
+DEFAULT_MODEL = "ast-audioset"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model card: a hub checkpoint (``source`` at ``revision``) or an ensemble of other presets."""
+
+    name: str
+    description: str
+    source: str | None = None
+    revision: str | None = None
+    members: tuple[str, ...] = field(default_factory=tuple)
+    classes: str = ""
+
+
+def presets_dir() -> Path:
+    """``astcli/models`` inside an installed wheel, else the checkout's top-level ``models/``."""
+    package = Path(astcli.__file__).parent
+    inside = package / "models"
+    return inside if inside.is_dir() else package.parent / "models"
+
+
+def list_presets() -> list[Preset]:
+    """Every card, sorted by name."""
+    return [get_preset(p.stem) for p in sorted(presets_dir().glob("*.toml"))]
+
+
+def get_preset(name: str) -> Preset | None:
+    """The card called ``name``, or None when there is none."""
+    path = presets_dir() / f"{name}.toml"
+    if "/" in name or not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return Preset(
+            name=name, description=data.get("description", ""), source=data.get("source"),
+            revision=data.get("revision"), members=tuple(data.get("members", ())), classes=data.get("classes", ""),
+        )
+    except (tomllib.TOMLDecodeError, TypeError) as exc:
+        raise ModelError(f"{path}: malformed model card ({exc})") from None
