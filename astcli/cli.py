@@ -48,6 +48,127 @@ def _root(
     _state["debug"] = debug
 
 
+def _presets_help() -> str:
+    from astcli.model.presets import list_presets
+
+    return "; ".join(p.name for p in list_presets())
+
+
+@app.command(
+    help="Tag audio files: print what is in each one.\n\n"
+    "FILES are audio files, directories (their audio files; subfolders with --recursive) or '-' for paths "
+    "read from stdin, one per line. Output is one record per input, in input order: a table on a terminal, "
+    "JSON lines in a pipe. Exit code 0: all tagged; 1: some inputs failed (the others are still written); "
+    "2: usage or model error.",
+    epilog="Models: a preset name, a Hugging Face hub id, a model directory, a .pth/.safetensors checkpoint "
+    "or an exported .onnx file.",
+)
+def tag(
+    files: list[str] = typer.Argument(..., help="Audio files, directories, or '-' for paths on stdin."),
+    model: list[str] = typer.Option(
+        None, "--model", "-m", help="Model to use (repeat for an ensemble; probabilities are averaged). "
+        "Default: ast-audioset. Presets: see `ast tag --list-models`."
+    ),
+    labels: str = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, "
+                               "JSON, or one label per line)."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of directories."),
+    window: float = typer.Option(None, "--window", help="Window length in seconds (default: the model's)."),
+    hop: float = typer.Option(None, "--hop", help="Seconds between window starts (default: the window; "
+                              "smaller values overlap windows)."),
+    hop_ms: float = typer.Option(None, "--hop-ms", help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
+                                 "fewer tokens and faster tagging)."),
+    aggregate: str = typer.Option(None, "--aggregate", help="Per-file score over windows: mean or max "
+                                  "(default: max for multi-label models, mean otherwise)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Tags per file/window; 0 = every class."),
+    threshold: float = typer.Option(None, "--threshold", help="Keep only tags scoring at least this."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
+                            "(default: table on a terminal, jsonl otherwise, or from -o's extension)."),
+    output: str = typer.Option(None, "--output", "-o", help="Write records to this file instead of stdout."),
+    timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (and per-window CSV rows)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Tokens per packed forward pass."),
+    workers: int = typer.Option(1, "--workers", help="Threads decoding audio while the model runs."),
+    progress: bool = typer.Option(False, "--progress", help="Show a progress bar even when stderr is not a terminal."),
+    list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),
+) -> None:
+    if list_models:
+        from astcli.model.presets import list_presets
+
+        for p in list_presets():
+            typer.echo(f"{p.name:32} {p.description}")
+        raise typer.Exit()
+    from astcli.tag import TagOptions, expand_inputs, tag_files
+    from astcli.tagger import DEFAULT_BATCH_TOKENS, load_ensemble
+    from astcli.writers import FORMATS, format_for, make_writer
+
+    fmt = fmt or format_for(output, sys.stdout.isatty())
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    paths = expand_inputs(files, recursive, sys.stdin if "-" in files else None)
+    options = TagOptions(window=window, hop=hop, aggregate=aggregate, top_k=top_k, threshold=threshold,
+                         timeline=timeline, batch_tokens=batch_tokens or DEFAULT_BATCH_TOKENS, workers=workers)
+    tagger = load_ensemble(model or ["ast-audioset"], labels=labels, device=device, dtype=dtype,
+                           revision=revision, hop_ms=hop_ms)
+    stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    failed = 0
+    try:
+        with _progress(len(paths), progress) as bar:
+            writer = make_writer(fmt, stream)
+            for record in tag_files(tagger, paths, options, on_audio=bar.audio):
+                if record.get("error"):
+                    failed += 1
+                    print(f"ast: {record['file']}: {record['error']}", file=sys.stderr)
+                writer.write(record)
+                bar.file_done()
+            writer.close()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    finally:
+        if output:
+            stream.close()
+    raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+class _progress:
+    """A rich progress bar on stderr (files, audio seconds, x real time), or nothing."""
+
+    def __init__(self, total: int, force: bool):
+        self.total = total
+        self.enabled = force or sys.stderr.isatty()
+        self.seconds = 0.0
+
+    def __enter__(self):
+        if self.enabled:
+            import time
+
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.start = time.monotonic()
+            self.bar = Progress(TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), transient=False, redirect_stdout=False, redirect_stderr=False)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("files", total=self.total, rate="")
+        return self
+
+    def audio(self, seconds: float) -> None:
+        if self.enabled:
+            import time
+
+            self.seconds += seconds
+            elapsed = max(time.monotonic() - self.start, 1e-6)
+            self.bar.update(self.task, rate=f"{self.seconds:.0f} s audio, {self.seconds / elapsed:.1f}x real time")
+
+    def file_done(self) -> None:
+        if self.enabled:
+            self.bar.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
 # -- commands end --
 
 
@@ -70,7 +191,11 @@ def main() -> None:
         print("ast: interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
-        # The reader went away (`ast tag ... | head -1`): end quietly, as Unix tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(141)
+        _quiet_broken_pipe()
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (`ast tag ... | head -1`): end quietly with 128 + SIGPIPE, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    sys.exit(141)

@@ -6,6 +6,7 @@ or ``torch.load(weights_only=True)``, never unpickled unsafely. Problems raise o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -168,7 +169,8 @@ def convert_hf_ast(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
                              ("fc2", "output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
             out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
             out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
-    for ours, theirs in (("norm", a + "layernorm"), ("head_norm", "classifier.layernorm"), ("head", "classifier.dense")):
+    finals = (("norm", a + "layernorm"), ("head_norm", "classifier.layernorm"), ("head", "classifier.dense"))
+    for ours, theirs in finals:
         out[ours + ".weight"], out[ours + ".bias"] = take(theirs + ".weight"), take(theirs + ".bias")
     return out
 
@@ -195,10 +197,11 @@ def convert_original_ast(state: dict[str, torch.Tensor], labels: list[str]) -> t
     num_classes = state["mlp_head.1.weight"].shape[0]
     mean, std = DEFAULT_STATS["ast"]
     config = ModelConfig(
-        family="ast", dim=dim, depth=depth, heads=max(1, dim // 64), mlp_dim=state["v.blocks.0.mlp.fc1.weight"].shape[0],
-        patch_size=patch, freq_stride=stride, time_stride=stride, max_frames=frames, prefix_tokens=n_prefix,
-        pooling="cls_dist" if n_prefix == 2 else "cls", layer_norm_eps=1e-6, qkv_bias="v.blocks.0.attn.qkv.bias" in state,
-        num_classes=num_classes, multi_label=num_classes == AUDIOSET_CLASSES, mean=mean, std=std, labels=labels,
+        family="ast", dim=dim, depth=depth, heads=max(1, dim // 64),
+        mlp_dim=state["v.blocks.0.mlp.fc1.weight"].shape[0], patch_size=patch, freq_stride=stride,
+        time_stride=stride, max_frames=frames, prefix_tokens=n_prefix, pooling="cls_dist" if n_prefix == 2 else "cls",
+        layer_norm_eps=1e-6, qkv_bias="v.blocks.0.attn.qkv.bias" in state, num_classes=num_classes,
+        multi_label=num_classes == AUDIOSET_CLASSES, mean=mean, std=std, labels=labels,
     )
     prefix = [state["v.cls_token"][0]] + ([state["v.dist_token"][0]] if n_prefix == 2 else [])
     out = {
@@ -216,16 +219,18 @@ def convert_original_ast(state: dict[str, torch.Tensor], labels: list[str]) -> t
 
 def _ast_geometry(n_patches: int, patch: int, mel: int = 128) -> tuple[int, int]:
     """(stride, frames) of an AST position table with ``n_patches`` entries (equal strides, as released)."""
+    candidates = []  # (stride, time patches) whose frequency count divides the table, largest stride first
     for stride in range(patch, 0, -1):
         f = (mel - patch) // stride + 1
-        if n_patches % f:
-            continue
-        t = n_patches // f
+        if n_patches >= f and not n_patches % f and (f > 1 or stride == patch):
+            candidates.append((stride, n_patches // f))
+    for stride, t in candidates:  # a stride that fits a common trained length wins over a bare fit
         for frames in COMMON_FRAMES:
             if (frames - patch) // stride + 1 == t:
                 return stride, frames
-        if t >= 1 and (f > 1 or stride == patch):
-            return stride, (t - 1) * stride + patch
+    if candidates:
+        stride, t = candidates[0]
+        return stride, (t - 1) * stride + patch
     raise ModelError(f"cannot infer patch strides from a position table of {n_patches} patches")
 
 
@@ -236,7 +241,7 @@ def convert_elastic(state: dict[str, torch.Tensor], labels: list[str]) -> tuple[
     """JiuFengSC/ElasticAST checkpoint: factorised positions, attention pooling, no attention scale."""
     weight = state["patch_embed.0.weight"]
     dim, patch = weight.shape[0], math.isqrt(weight.shape[1])
-    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("blocks.modules_list."))
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("blocks.modules_list."))
     num_classes = state["head.weight"].shape[0]
     mean, std = DEFAULT_STATS["elastic"]
     config = ModelConfig(
@@ -319,11 +324,8 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         config = fetch("config.json")
-        for name in ("preprocessor_config.json",):
-            try:
-                fetch(name)
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                pass
+        with contextlib.suppress(EntryNotFoundError, LocalEntryNotFoundError):
+            fetch("preprocessor_config.json")
         for name in HF_WEIGHTS:
             try:
                 fetch(name)

@@ -153,7 +153,9 @@ class AudioTransformer(nn.Module):
         """Final-norm token states ``[rows, length, dim]`` under block-diagonal attention."""
         x = self.embed(batch)
         ids = batch.clip_ids
-        mask = None if not _tracing() and batch.one_clip_per_row else (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)
+        mask = None
+        if _tracing() or not batch.one_clip_per_row:
+            mask = (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
