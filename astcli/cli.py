@@ -48,12 +48,6 @@ def _root(
     _state["debug"] = debug
 
 
-def _presets_help() -> str:
-    from astcli.model.presets import list_presets
-
-    return "; ".join(p.name for p in list_presets())
-
-
 @app.command(
     help="Tag audio files: print what is in each one.\n\n"
     "FILES are audio files, directories (their audio files; subfolders with --recursive) or '-' for paths "

@@ -1,0 +1,1 @@
+"""Training support: dataset layouts, evaluation metrics and data augmentation."""
