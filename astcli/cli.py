@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from contextlib import closing
 
 import typer
 
@@ -58,7 +59,7 @@ def _root(
     "or an exported .onnx file.",
 )
 def tag(
-    files: list[str] = typer.Argument(..., help="Audio files, directories, or '-' for paths on stdin."),
+    files: list[str] = typer.Argument(None, help="Audio files, directories, or '-' for paths on stdin."),
     model: list[str] = typer.Option(
         None, "--model", "-m", help="Model to use (repeat for an ensemble; probabilities are averaged). "
         "Default: ast-audioset. Presets: see `ast tag --list-models`."
@@ -93,6 +94,8 @@ def tag(
         for p in list_presets():
             typer.echo(f"{p.name:32} {p.description}")
         raise typer.Exit()
+    if not files:
+        raise UsageError("no inputs: give audio files, directories, or '-' to read paths from stdin")
     from astcli.tag import TagOptions, expand_inputs, tag_files
     from astcli.tagger import DEFAULT_BATCH_TOKENS, load_ensemble
     from astcli.writers import FORMATS, format_for, make_writer
@@ -108,9 +111,9 @@ def tag(
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     failed = 0
     try:
-        with _progress(len(paths), progress) as bar:
+        with _progress(len(paths), progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
             writer = make_writer(fmt, stream)
-            for record in tag_files(tagger, paths, options, on_audio=bar.audio):
+            for record in records:
                 if record.get("error"):
                     failed += 1
                     print(f"ast: {record['file']}: {record['error']}", file=sys.stderr)
@@ -137,11 +140,13 @@ class _progress:
         if self.enabled:
             import time
 
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.start = time.monotonic()
-            self.bar = Progress(TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                                TimeElapsedColumn(), transient=False, redirect_stdout=False, redirect_stderr=False)
+            self.bar = Progress(TextColumn("tagging"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=Console(stderr=True),
+                                redirect_stdout=False, redirect_stderr=False)
             self.bar.__enter__()
             self.task = self.bar.add_task("files", total=self.total, rate="")
         return self

@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,8 +227,10 @@ class Tagger:
                         flush()
                     yield self._finish(results[emitted], scores.pop(emitted, []))
                     emitted += 1
-        finally:
+        finally:  # also on early close (broken pipe, Ctrl-C): no worker may outlive the run
             stop.set()
+            for w in workers:
+                w.join()
 
     def _finish(self, result: FileResult, rows: list[tuple[int, torch.Tensor]]) -> FileResult:
         if result.error is None:
@@ -268,5 +271,6 @@ def tag_files(tagger, paths: list[str], options: TagOptions | None = None,
               on_audio: Callable[[float], None] | None = None) -> Iterator[dict]:
     """Records (dicts in the documented schema) for ``paths``, in order, one per path."""
     pipeline = Tagger(tagger, options or TagOptions())
-    for result in pipeline.run(paths, on_audio):
-        yield pipeline.record(result)
+    with closing(pipeline.run(paths, on_audio)) as results:
+        for result in results:
+            yield pipeline.record(result)

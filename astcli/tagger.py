@@ -190,7 +190,7 @@ def load_model(source: str | Path = DEFAULT_MODEL, *, labels=None, device=None, 
         return OnnxTagger(path, labels=names, device=device, hop_ms=hop_ms)
     if not path.exists():
         if source.count("/") != 1 or source.startswith((".", "/")):
-            raise ModelError(f"{source}: no such file, directory or preset (presets: see `ast tag --help`)")
+            raise ModelError(f"{source}: no such file, directory or preset (list presets with `ast tag --list-models`)")
         path = hub_snapshot(source, revision)
     config, state = load_checkpoint(path, names)
     return AudioTagger(build_model(config, state, origin=str(source)), name=str(source), **kwargs)
