@@ -1,0 +1,175 @@
+"""Tagging speed of `ast tag` against transformers' audio-classification pipeline, measured in one run.
+
+    python benchmarks/tag.py [--files 16] [--skip-rss]
+
+1. AST-Base (random weights, transformers format) over a generated corpus of mixed-length clips (1-10 s):
+   transformers `pipeline("audio-classification")` file by file vs astcli's pipeline (packed batches,
+   decoding in a worker thread), float32 and bfloat16, with the score deviation against transformers.
+2. ElasticAST-Base at native length vs the same clips padded to 10.24 s: tokens and time.
+3. Peak RSS of tagging a 1-hour file vs a 10-second file (small ElasticAST, separate processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+
+def corpus(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """Tones, chirps and noise bursts of 1-10 s, half at 16 kHz WAV, half at 44.1 kHz FLAC."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        rate = 16000 if i % 2 == 0 else 44100
+        seconds = float(rng.uniform(1.0, 10.0))
+        t = np.arange(int(seconds * rate)) / rate
+        x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(t.size)
+        path = folder / f"clip{i:03d}.{'wav' if rate == 16000 else 'flac'}"
+        sf.write(path, x.astype(np.float32), rate)
+        paths.append(str(path))
+    return paths
+
+
+def ast_base_dir(folder: Path) -> Path:
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    torch.manual_seed(0)
+    labels = {i: f"class {i}" for i in range(527)}
+    config = ASTConfig(num_labels=527, id2label=labels, label2id={v: k for k, v in labels.items()},
+                       problem_type="multi_label_classification")
+    model = ASTForAudioClassification(config).eval()
+    model.save_pretrained(folder)
+    prep = {"feature_extractor_type": "ASTFeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+            "num_mel_bins": 128, "max_length": 1024, "do_normalize": True, "mean": -4.2677393, "std": 4.5689974,
+            "padding_value": 0.0, "return_attention_mask": False}
+    (folder / "preprocessor_config.json").write_text(json.dumps(prep))
+    return folder
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def run_transformers(model_dir: Path, paths: list[str]) -> tuple[float, np.ndarray]:
+    import soxr
+    from transformers import pipeline
+
+    classify = pipeline("audio-classification", model=str(model_dir), device="cpu")
+
+    def go():
+        rows = []
+        for path in paths:
+            audio, rate = sf.read(path, dtype="float32")
+            if rate != 16000:
+                audio = soxr.resample(audio, rate, 16000, quality="HQ")
+            out = classify(audio, top_k=527)
+            scores = np.zeros(527)
+            for item in out:
+                scores[int(item["label"].split()[-1])] = item["score"]
+            rows.append(scores)
+        return np.stack(rows)
+
+    classify(np.zeros(16000, dtype=np.float32))  # warm-up
+    return timed(go)
+
+
+def run_astcli(model_dir: Path, paths: list[str], dtype: str) -> tuple[float, np.ndarray]:
+    from astcli.tag import TagOptions, tag_files
+    from astcli.tagger import load_model
+
+    tagger = load_model(model_dir, dtype=dtype)
+    options = TagOptions(top_k=0, workers=1)
+
+    def go():
+        rows = []
+        for record in tag_files(tagger, paths, options):
+            scores = np.zeros(527)
+            for tag in record["tags"]:
+                scores[tag["index"]] = tag["score"]
+            rows.append(scores)
+        return np.stack(rows)
+
+    list(tag_files(tagger, paths[:1], options))  # warm-up
+    return timed(go)
+
+
+def elastic_native_vs_padded(paths: list[str]) -> None:
+    from astcli.audio import load_audio
+    from astcli.model import AudioTransformer, elastic_config
+    from astcli.tagger import AudioTagger
+
+    torch.manual_seed(0)
+    tagger = AudioTagger(AudioTransformer(elastic_config("base", num_classes=527)))
+    raw = [tagger.features(load_audio(p)) for p in paths]
+    padded = [torch.nn.functional.pad(r, (0, 0, 0, 1024 - len(r))) for r in raw]
+    for name, windows in (("native", raw), ("padded to 10.24 s", padded)):
+        tokens = sum(len(tagger.clip(w)) for w in windows)
+        tagger.score_windows(windows[:2])
+        seconds, _ = timed(lambda w=windows: tagger.score_windows(w))
+        print(f"  ElasticAST-Base {name:18} {tokens:7d} tokens  {seconds:7.2f} s")
+
+
+RSS_PROBE = (
+    "import resource, sys, torch; from astcli.tag import tag_files; from astcli.tagger import AudioTagger;"
+    "from astcli.model import AudioTransformer, elastic_config; torch.manual_seed(0);"
+    "t = AudioTagger(AudioTransformer(elastic_config('small', num_classes=527)));"
+    "r = list(tag_files(t, [sys.argv[1]]));"
+    "print(r[0]['duration'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+)
+
+
+def peak_rss(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    hour, ten = folder / "hour.wav", folder / "ten.wav"
+    with sf.SoundFile(hour, "w", 16000, 1, "PCM_16") as f:
+        for _ in range(60):
+            f.write((0.1 * rng.standard_normal(16000 * 60)).astype(np.float32))
+    sf.write(ten, (0.1 * rng.standard_normal(160000)).astype(np.float32), 16000)
+    peaks = {}
+    for name, path in (("10 s", ten), ("1 hour", hour)):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, check=True)
+        duration, rss_kb = out.stdout.split()
+        peaks[name] = int(rss_kb) / 1024
+        print(f"  {name:7} file ({float(duration):7.1f} s audio): peak RSS {peaks[name]:7.1f} MiB, "
+              f"{time.perf_counter() - start:6.1f} s wall")
+    print(f"  ratio 1 hour / 10 s: {peaks['1 hour'] / peaks['10 s']:.2f}x (target <= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = corpus(folder, args.files)
+        audio = sum(sf.info(p).duration for p in paths)
+        model_dir = ast_base_dir(folder / "ast-base")
+        print(f"corpus: {len(paths)} files, {audio:.1f} s of audio; model: AST-Base, random weights")
+        hf_time, hf_scores = run_transformers(model_dir, paths)
+        print(f"  transformers pipeline       {hf_time:7.2f} s  ({audio / hf_time:5.2f}x real time)")
+        for dtype in ("float32", "bfloat16"):
+            ours_time, ours = run_astcli(model_dir, paths, dtype)
+            print(f"  astcli tag {dtype:9}         {ours_time:7.2f} s  ({audio / ours_time:5.2f}x real time)  "
+                  f"speed-up {hf_time / ours_time:4.2f}x  max |score diff| {np.abs(ours - hf_scores).max():.2e}")
+        elastic_native_vs_padded(paths)
+        if not args.skip_rss:
+            peak_rss(folder)
+
+
+if __name__ == "__main__":
+    main()
