@@ -168,6 +168,167 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
+# -- train / finetune ----------------------------------------------------------------------------------
+
+_RECIPE_OPTIONS = (
+    # (recipe field, type, option flag(s), help)
+    ("epochs", int, "--epochs", "Training epochs."),
+    ("lr", float, "--lr", "Peak learning rate."),
+    ("batch_size", int, "--batch-size", "Clips per step at full window length (sets the token budget)."),
+    ("batch_tokens", int, "--batch-tokens", "Token budget per batch (instead of --batch-size)."),
+    ("window", int, "--window", "Frames per clip (10 ms): the AST window, the ElasticAST length cap."),
+    ("freqm", int, "--freqm", "SpecAugment frequency mask width (mel bins)."),
+    ("timem", int, "--timem", "SpecAugment time mask width (frames at the recipe's reference length)."),
+    ("mixup", float, "--mixup", "Share of training clips mixed with another (lambda ~ Beta(10, 10))."),
+    ("loss", str, "--loss", "ce or bce."),
+    ("optimizer", str, "--optimizer", "adam or adamw."),
+    ("weight_decay", float, "--weight-decay", "Weight decay."),
+    ("warmup_steps", int, "--warmup", "Linear warm-up steps."),
+    ("lr_decay", float, "--lr-decay", "LR factor per epoch after --lr-decay-start."),
+    ("lr_decay_start", int, "--lr-decay-start", "Last epoch at the full learning rate."),
+    ("mean", float, "--mean", "Normalisation mean (with --std)."),
+    ("std", float, "--std", "Normalisation standard deviation (with --mean)."),
+    ("balanced", bool, "--balanced/--no-balanced", "Class-balanced sampling (default: on for multi-label data)."),
+    ("noise", bool, "--noise/--no-noise", "AST feature noise."),
+    ("background_noise", float, "--background-noise", "Probability of adding a background-noise recording."),
+    ("token_dropout", float, "--token-dropout", "ElasticAST token dropout rate."),
+    ("random_hop", bool, "--random-hop/--no-random-hop", "ElasticAST resolution augmentation (10-40 ms hops)."),
+    ("wa_start", int, "--wa-start", "First epoch of weight averaging."),
+    ("wa_end", int, "--wa-end", "Last epoch of weight averaging."),
+    ("select", str, "--select", "Final model: last, best (validation) or wa (weight average)."),
+    ("grad_accum", int, "--grad-accum", "Batches per optimizer step."),
+    ("clip_grad", float, "--clip-grad", "Clip the gradient norm to this value."),
+    ("val_fraction", float, "--val-fraction", "Held-out share when the dataset has no folds or validation split."),
+)
+
+
+def _with_recipe_options(func):
+    """Append one option per overridable recipe field to a command; they reach it as ``**overrides``."""
+    import inspect
+
+    signature = inspect.signature(func)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for name, kind, flag, text in _RECIPE_OPTIONS:
+        option = typer.Option(None, flag, help=text)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None))
+    func.__signature__ = signature.replace(parameters=params)
+    return func
+
+
+def _training_runtime(device: str | None, num_workers: int | None, progress: bool) -> dict:
+    return {"device": device, "num_workers": num_workers, "progress": True if progress else None}
+
+
+def _parse_folds(folds: str | None) -> list[int] | None:
+    if folds is None or folds.strip().lower() == "all":
+        return None
+    if folds.strip().lower() == "none":
+        return []
+    try:
+        return [int(f) for f in folds.split(",") if f.strip()]
+    except ValueError:
+        raise UsageError(f"--folds takes fold numbers like 1,2 (or all / none), not {folds!r}") from None
+
+
+def _report_training(result, command: str) -> None:
+    if result.interrupted:
+        print(f"ast: interrupted: state saved in {result.out_dir}; continue with "
+              f"`ast {command} --resume {result.out_dir}`", file=sys.stderr)
+        raise typer.Exit(128 + (result.signum or 2))
+    typer.echo(result.table())
+    typer.echo(f"model: {result.model_dir}")
+
+
+_TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folders, a .csv manifest "
+                       "(path,labels[,fold]) or a .json datafile.")
+
+
+@app.command(
+    help="Fine-tune a pretrained tagger on a dataset: a new head for its classes, the dataset's recipe "
+    "(every value can be overridden; unset options keep the recipe's value), k-fold cross-validation where "
+    "the dataset has folds. Prints a per-fold table and writes OUTPUT/model, which `ast tag --model` loads.",
+)
+@_with_recipe_options
+def finetune(
+    dataset: str = typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
+    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
+                              "or checkpoint (default: ast-audioset)."),
+    output: str = typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run saved in this directory."),
+    folds: str = typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no cross-"
+                              "validation."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    num_workers: int = typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
+    progress: bool = typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
+                                  "is not a terminal."),
+    **overrides,
+) -> None:
+    from astcli.train import loop
+
+    runtime = _training_runtime(device, num_workers, progress)
+    if resume:
+        result = loop.resume(resume, **runtime)
+    else:
+        if not dataset or not output:
+            raise UsageError("ast finetune needs --dataset and --output (or --resume DIR)")
+        result = loop.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds), seed=seed,
+                               amp=amp, **runtime, **overrides)
+    _report_training(result, "finetune")
+
+
+@app.command(
+    help="Train a new AST or ElasticAST from ImageNet weights (DeiT-B/16-384 for AST, ViT-B/16-224 for "
+    "ElasticAST; base size only) or from scratch, with packed native-length batches and the dataset's "
+    "recipe (unset options keep the recipe's value). Prints the results and writes OUTPUT/model.",
+)
+@_with_recipe_options
+def train(
+    dataset: str = typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
+    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
+    arch: str = typer.Option("ast", "--arch", help="ast or elastic."),
+    size: str = typer.Option("base", "--size", help="tiny, small or base."),
+    init: str = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
+    model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
+                                           "(e.g. depth=6), repeatable."),
+    output: str = typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run saved in this directory."),
+    folds: str = typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no cross-"
+                              "validation."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    num_workers: int = typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
+    progress: bool = typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
+                                  "is not a terminal."),
+    **overrides,
+) -> None:
+    import json
+
+    from astcli.train import loop
+
+    runtime = _training_runtime(device, num_workers, progress)
+    if resume:
+        result = loop.resume(resume, **runtime)
+    else:
+        if not dataset or not output:
+            raise UsageError("ast train needs --dataset and --output (or --resume DIR)")
+        options = {}
+        for item in model_option or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--model-option takes KEY=VALUE, not {item!r}")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value
+        result = loop.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
+                            data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime, **overrides)
+    _report_training(result, "train")
+
+
 # -- commands end --
 
 

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -37,6 +38,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ModelError(f"{path}: is a directory, not a checkpoint file") from None
+    except pickle.UnpicklingError:  # torch's own message is many lines, with terminal escapes
+        raise ModelError(f"{path}: refused by the weights-only loader (corrupt, or pickled objects "
+                         "other than tensors)") from None
     except Exception as exc:  # torch and safetensors raise many types for bad files
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
@@ -287,6 +291,8 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelError(f"{meta_file}: not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise ModelError(f"{meta_file}: not a JSON object")
         if meta.get("format") == OWN_FORMAT:
             config, state = _load_own(path, meta)
         elif meta.get("model_type") == "audio-spectrogram-transformer":
@@ -304,6 +310,9 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
                 raise ModelError(f"{path}: not an AST or ElasticAST checkpoint (unknown keys)")
         except KeyError as exc:
             raise ModelError(f"{path}: checkpoint lacks {exc.args[0]}") from None
+        except (ValueError, IndexError, RuntimeError) as exc:  # mis-shaped or inconsistent tensors
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{path}: malformed checkpoint ({reason})") from None
     else:
         raise ModelError(f"{path}: no such file or directory")
     if labels is not None:
