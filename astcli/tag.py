@@ -1,7 +1,8 @@
 """The `tag` pipeline: paths -> decoded blocks -> fbank windows -> packed batches -> scores -> records.
 
-Decoding and features run in worker threads while the model scores packed batches of windows from any
-number of files; records come out in input order, each as soon as its file is complete, and memory
+Worker threads decode and resample (soundfile, soxr: no torch, so they never compete with the model's
+threads) while the main thread turns blocks into fbank windows and scores packed batches of windows from
+any number of files. Records come out in input order, each as soon as its file is complete, and memory
 stays bounded whatever the files' lengths.
 """
 
@@ -37,7 +38,7 @@ class TagOptions:
     timeline: bool = False
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     workers: int = 1
-    block_seconds: float = 30.0
+    block_seconds: float = 10.0
 
 
 @dataclass
@@ -136,17 +137,6 @@ class Tagger:
 
     # -- producer side: decode + features, in worker threads ---------------------------------------------
 
-    def _file_windows(self, path: str) -> Iterator[tuple[str, object]]:
-        t = self.tagger
-        features = StreamingFbank(t.sample_rate, num_mel_bins=t.config.num_mel_bins, frame_shift_ms=t.hop_ms)
-        windows = _Windows(self.window_frames, self.hop_frames, t.config.num_mel_bins)
-        samples = 0
-        for block in stream_audio(path, t.sample_rate, self.options.block_seconds):
-            samples += len(block)
-            yield from (("window", w) for w in windows.push(features.push(block)))
-        yield from (("window", w) for w in windows.finish(features.num_frames))
-        yield "end", samples / t.sample_rate
-
     def _produce(self, jobs: Iterator[tuple[int, str]], lock: threading.Lock, out: queue.Queue,
                  stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -165,9 +155,12 @@ class Tagger:
                 break
             index, path = job
             try:
-                for kind, payload in self._file_windows(path):
-                    if not put((kind, index, payload)):
+                samples = 0
+                for block in stream_audio(path, self.tagger.sample_rate, self.options.block_seconds):
+                    samples += len(block)
+                    if not put(("block", index, block)):
                         return
+                put(("end", index, samples))
             except AstcliError as exc:
                 put(("error", index, _reason(str(exc), path)))
             except Exception as exc:  # a file must never take the run down with it
@@ -178,7 +171,7 @@ class Tagger:
     def run(self, paths: list[str], on_window_batch: Callable[[float], None] | None = None) -> Iterator[FileResult]:
         """FileResults in the order of ``paths``; ``on_window_batch(audio_seconds)`` reports scored audio."""
         opts = self.options
-        items: queue.Queue = queue.Queue(maxsize=max(8, 4 * opts.workers))
+        items: queue.Queue = queue.Queue(maxsize=32)
         stop = threading.Event()
         lock = threading.Lock()
         jobs = iter(enumerate(paths))
@@ -190,9 +183,12 @@ class Tagger:
         scores: dict[int, list[tuple[int, torch.Tensor]]] = {}
         finished: set[int] = set()
         pending: list[tuple[int, int, torch.Tensor]] = []
+        cutters: dict[int, tuple[StreamingFbank, _Windows]] = {}
         tokens = self.tagger.config.tokens
+        pending_tokens = 0
 
         def flush() -> None:
+            nonlocal pending_tokens
             live = [p for p in pending if results[p[0]].error is None]
             if live:
                 probs = self.tagger.score_windows([w for _, _, w in live], opts.batch_tokens)
@@ -201,6 +197,7 @@ class Tagger:
                 if on_window_batch:
                     on_window_batch(sum(len(w) for _, _, w in live) * self.frame_seconds)
             pending.clear()
+            pending_tokens = 0
 
         emitted = 0
         try:
@@ -210,17 +207,27 @@ class Tagger:
                 except queue.Empty:  # decoding is the slower side: do not wait for a full batch
                     flush()
                     continue
-                if kind == "window":
-                    pending.append((index, *payload))
-                    if sum(tokens(min(len(w), self.window_frames)) for _, _, w in pending) >= opts.batch_tokens:
-                        flush()
-                elif kind == "end":
-                    results[index].duration = payload
-                    finished.add(index)
-                elif kind == "error":
+                if kind == "error":
+                    cutters.pop(index, None)
                     results[index].error = payload
                     finished.add(index)
-                # A file's windows precede its end in the queue, so a finished file is complete once
+                else:
+                    if index not in cutters:
+                        cutters[index] = self._cutter()
+                    features, windows = cutters[index]
+                    if kind == "block":
+                        cut = windows.push(features.push(payload))
+                    else:  # "end": the last, partial windows
+                        del cutters[index]
+                        cut = windows.finish(features.num_frames)
+                        results[index].duration = payload / self.tagger.sample_rate
+                        finished.add(index)
+                    for start, w in cut:
+                        pending.append((index, start, w))
+                        pending_tokens += tokens(min(len(w), self.window_frames))
+                    if pending_tokens >= opts.batch_tokens:
+                        flush()
+                # A file's blocks precede its end in the queue, so a finished file is complete once
                 # the windows of it still pending are scored.
                 while emitted in finished:
                     if any(i == emitted for i, _, _ in pending):
@@ -231,6 +238,13 @@ class Tagger:
             stop.set()
             for w in workers:
                 w.join()
+
+    def _cutter(self) -> tuple[StreamingFbank, _Windows]:
+        """Per-file state on the main thread: incremental fbank and the window cutter."""
+        t = self.tagger
+        mel = t.config.num_mel_bins
+        return (StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.hop_ms),
+                _Windows(self.window_frames, self.hop_frames, mel))
 
     def _finish(self, result: FileResult, rows: list[tuple[int, torch.Tensor]]) -> FileResult:
         if result.error is None:
