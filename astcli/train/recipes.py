@@ -1,0 +1,173 @@
+"""Per-dataset training hyper-parameters, with the defaults of the AST and ElasticAST papers.
+
+A :class:`Recipe` is a flat record of everything the loop needs besides the model and the data; every
+field can be overridden (``Recipe.replace`` / the CLI options). ``recipe_for(dataset, pretrained=...)``
+picks the published defaults:
+
+========  ==============================================================================================
+esc50     AST's ESC-50 recipe: lr 1e-5 from an AudioSet model (1e-4 otherwise), 25 epochs, batch 48,
+          freqm 24 / timem 96 at 512 frames, no mixup, CE, lr x0.85 per epoch after epoch 5, 512-frame
+          window, ESC-50 statistics (-6.6268077, 5.358466), 5-fold cross-validation.
+sc        AST's Speech Commands v2 recipe: lr 2.5e-4, 30 epochs, batch 128, freqm 48 / timem 48 at 128
+          frames, mixup 0.6, feature noise, BCE, lr x0.85 per epoch after epoch 5, 128-frame window,
+          statistics (-6.845978, 5.5654526).
+audioset  AST's full AudioSet recipe: lr 1e-5, 5 epochs, batch 12, balanced sampling, freqm 48 / timem 192
+          at 1024 frames, mixup 0.5, BCE, 1000 warm-up steps, lr halved per epoch after epoch 2, weight
+          averaging over epochs 1-5.
+custom    lr 1e-5 from a pretrained tagger (1e-4 otherwise), 10 epochs, batch 32, freqm 24 / timem 48 at
+          512 frames, CE or BCE by the dataset, warm-up over ~5% of the steps, lr x0.85 after epoch 5.
+========  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from astcli.errors import UsageError
+
+LOSSES = ("ce", "bce")
+OPTIMIZERS = ("adam", "adamw")
+SELECTIONS = ("last", "best", "wa")
+PRETRAINED = ("audioset", "imagenet", "none")
+
+ESC50_STATS = (-6.6268077, 5.358466)
+SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
+AUDIOSET_STATS = (-4.2677393, 4.5689974)
+
+
+@dataclass
+class Recipe:
+    """Hyper-parameters of one training run. ``None`` means "derive it" (see each field)."""
+
+    name: str = "custom"
+    lr: float = 1e-4
+    epochs: int = 10
+    batch_size: int = 32  # clips per optimizer step at full window length (sets the token budget)
+    batch_tokens: int | None = None  # token budget per batch; None = batch_size x tokens of a full window
+    window: int | None = None  # frames per clip (AST: padded window; ElasticAST: cap); None = from the data
+    freqm: int = 24  # SpecAugment frequency mask, bins
+    timem: int = 48  # SpecAugment time mask, frames, at `reference_frames` (scaled to each clip's length)
+    reference_frames: int = 512
+    mixup: float = 0.0  # probability that a training clip is mixed with another one
+    mixup_alpha: float = 10.0  # lambda ~ Beta(alpha, alpha)
+    loss: str | None = None  # "ce" | "bce"; None = BCE for multi-label data, else CE
+    optimizer: str = "adam"
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 5e-7
+    warmup_steps: int | None = None  # linear warm-up; None = min(1000, 5% of all steps)
+    lr_decay: float = 0.85  # lr x lr_decay per epoch ...
+    lr_decay_start: int = 5  # ... for every epoch after this one (AST's lrscheduler_start)
+    mean: float | None = None  # normalisation statistics; None = the model's own
+    std: float | None = None
+    balanced: bool | None = None  # class-balanced sampling; None = on for multi-label data
+    noise: bool = False  # AST's feature noise (uniform noise + random roll)
+    background_noise: float = 0.0  # probability of adding a background recording (Speech Commands noise)
+    noise_snr: tuple[float, float] = (0.0, 20.0)  # SNR range in dB for background noise
+    token_dropout: float | None = None  # ElasticAST token dropout; None = 0.1 for `train`, 0 for `finetune`
+    random_hop: bool = False  # ElasticAST resolution augmentation: hop drawn from hop_choices per clip
+    hop_choices: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0)
+    wa_start: int | None = None  # weight averaging over epochs wa_start..wa_end (1-based, inclusive)
+    wa_end: int | None = None
+    select: str | None = None  # final model: "last" | "best" | "wa"; None = wa if set, else best (last w/o val)
+    grad_accum: int = 1
+    clip_grad: float | None = None  # max gradient norm
+    val_fraction: float = 0.1  # held-out share when the dataset defines no folds or validation split
+
+    def replace(self, **overrides) -> Recipe:
+        """A copy with ``overrides`` applied (``None`` values are ignored); checked with ``validate``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UsageError(f"unknown recipe field(s): {', '.join(unknown)}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        for key in ("betas", "noise_snr", "hop_choices"):
+            if key in changes:
+                changes[key] = tuple(float(x) for x in changes[key])
+        out = dataclasses.replace(self, **changes)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise UsageError for values that cannot work."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UsageError(message)
+
+        need(self.lr > 0, f"--lr must be positive (got {self.lr:g})")
+        need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        need(self.batch_tokens is None or self.batch_tokens >= 1, "--batch-tokens must be at least 1")
+        need(self.window is None or self.window >= 16, "--window must be at least 16 frames")
+        need(self.freqm >= 0 and self.timem >= 0, "SpecAugment masks must be >= 0")
+        need(self.reference_frames >= 1, "reference frames must be >= 1")
+        need(0.0 <= self.mixup <= 1.0, f"--mixup is a probability in [0, 1] (got {self.mixup:g})")
+        need(self.mixup_alpha > 0, "mixup alpha must be positive")
+        need(self.loss in (None, *LOSSES), f"--loss must be one of {', '.join(LOSSES)}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two values in [0, 1)")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be >= 0")
+        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (got {self.lr_decay:g})")
+        need(self.lr_decay_start >= 0, "--lr-decay-start must be >= 0")
+        need((self.mean is None) == (self.std is None), "--mean and --std go together")
+        need(self.std is None or self.std > 0, "--std must be positive")
+        need(0.0 <= self.background_noise <= 1.0, "--background-noise is a probability in [0, 1]")
+        need(self.token_dropout is None or 0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
+        need(len(self.hop_choices) >= 1 and all(1 <= h <= 100 for h in self.hop_choices),
+             "hop choices must lie between 1 and 100 ms")
+        need((self.wa_start is None) == (self.wa_end is None), "--wa-start and --wa-end go together")
+        if self.wa_start is not None:
+            need(1 <= self.wa_start <= self.wa_end <= self.epochs,
+                 f"weight averaging needs 1 <= --wa-start <= --wa-end <= --epochs ({self.epochs})")
+        need(self.select in (None, *SELECTIONS), f"--select must be one of {', '.join(SELECTIONS)}")
+        need(self.select != "wa" or self.wa_start is not None, "--select wa needs --wa-start and --wa-end")
+        need(self.grad_accum >= 1, "--grad-accum must be at least 1")
+        need(self.clip_grad is None or self.clip_grad > 0, "--clip-grad must be positive")
+        need(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        """Inverse of ``to_dict``."""
+        return cls().replace(**data) if data else cls()
+
+
+def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool = False) -> Recipe:
+    """The published defaults for ``dataset`` ("esc50", "speechcommands", "audioset" or anything else).
+
+    ``pretrained`` says where the starting weights come from: "audioset" (any pretrained tagger),
+    "imagenet" or "none"; it only changes the learning rate where the papers did.
+    """
+    if pretrained not in PRETRAINED:
+        raise UsageError(f"pretrained must be one of {', '.join(PRETRAINED)}")
+    from_tagger = pretrained == "audioset"
+    key = dataset.lower().replace("-", "").replace("_", "")
+    if key == "esc50":
+        mean, std = ESC50_STATS
+        return Recipe(
+            name="esc50", lr=1e-5 if from_tagger else 1e-4, epochs=25, batch_size=48, window=512,
+            freqm=24, timem=96, reference_frames=512, mixup=0.0, loss="ce", warmup_steps=0,
+            lr_decay=0.85, lr_decay_start=5, mean=mean, std=std, balanced=False, select="last",
+        )
+    if key in ("speechcommands", "sc", "speechcommandsv2"):
+        mean, std = SPEECHCOMMANDS_STATS
+        return Recipe(
+            name="speechcommands", lr=2.5e-4, epochs=30, batch_size=128, window=128, freqm=48, timem=48,
+            reference_frames=128, mixup=0.6, loss="bce", warmup_steps=0, lr_decay=0.85, lr_decay_start=5,
+            mean=mean, std=std, balanced=False, noise=True, select="best",
+        )
+    if key == "audioset":
+        return Recipe(
+            name="audioset", lr=1e-5, epochs=5, batch_size=12, window=1024, freqm=48, timem=192,
+            reference_frames=1024, mixup=0.5, loss="bce", warmup_steps=1000, lr_decay=0.5,
+            lr_decay_start=2, balanced=True, wa_start=1, wa_end=5, select="wa",
+        )
+    return Recipe(
+        name="custom", lr=1e-5 if from_tagger else 1e-4, epochs=10, batch_size=32, window=None, freqm=24,
+        timem=48, reference_frames=512, mixup=0.0, loss="bce" if multi_label else "ce", warmup_steps=None,
+    )

@@ -1,0 +1,504 @@
+"""Training: recipes, the loop (learning, resume after SIGKILL / SIGTERM, weight averaging, bad audio),
+the `train` / `finetune` commands on an ESC-50 layout, DDP on two CPU processes, ImageNet weight transfer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from astcli.cli import app
+from astcli.errors import ModelError, UsageError
+from astcli.model import AudioTransformer, ast_config, elastic_config
+from astcli.train import loop
+from astcli.train.recipes import Recipe, recipe_for
+
+SR = 16000
+KINDS = ("tone", "noise", "chirp", "clicks")
+TINY = {"dim": 64, "depth": 2, "heads": 2, "mlp_dim": 128}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def make_sound(kind: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """One clip of a class that a tiny model can tell apart: a ~1 kHz tone, gated noise, an up-chirp, clicks."""
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    if kind == "tone":
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(900, 1100) * t)
+    elif kind == "noise":
+        x = 0.3 * rng.standard_normal(n) * (np.sin(2 * np.pi * rng.uniform(2, 5) * t) > 0)
+    elif kind == "chirp":
+        f0, f1 = rng.uniform(200, 400), rng.uniform(5000, 6000)
+        x = 0.3 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    else:
+        x = np.zeros(n)
+        x[:: int(SR / rng.uniform(8, 20))] = 0.9
+    return (x + 0.003 * rng.standard_normal(n)).astype(np.float32)
+
+
+def make_folder(root: Path, per_class: int, seed: int = 0, kinds=KINDS) -> Path:
+    """A folder dataset: one sub-folder per class, clips of 0.5-1 s."""
+    rng = np.random.default_rng(seed)
+    for kind in kinds:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            sf.write(root / kind / f"{i}.wav", make_sound(kind, rng, rng.uniform(0.5, 1.0)), SR)
+    return root
+
+
+def make_esc50(root: Path, kinds=KINDS[:3], folds: int = 5, seconds: float = 1.0) -> Path:
+    """The ESC-50 layout (meta/esc50.csv + audio/), one clip per class per fold."""
+    rng = np.random.default_rng(7)
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    with open(root / "meta" / "esc50.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        for fold in range(1, folds + 1):
+            for target, kind in enumerate(kinds):
+                name = f"{fold}-{target}-A-{kind}.wav"
+                sf.write(root / "audio" / name, make_sound(kind, rng, seconds), SR)
+                writer.writerow([name, fold, target, kind, "False", f"{fold}{target}", "A"])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data") / "small", per_class=6, seed=3)
+
+
+# -- recipes and schedule ------------------------------------------------------------------------------
+
+
+def test_recipes_carry_the_paper_defaults_and_take_overrides():
+    esc = recipe_for("esc50", pretrained="audioset")
+    assert (esc.lr, esc.epochs, esc.batch_size, esc.freqm, esc.timem, esc.window) == (1e-5, 25, 48, 24, 96, 512)
+    assert (esc.loss, esc.lr_decay, esc.lr_decay_start, esc.mean, esc.std) == ("ce", 0.85, 5, -6.6268077, 5.358466)
+    assert recipe_for("esc50", pretrained="imagenet").lr == 1e-4
+    sc = recipe_for("speechcommands")
+    assert (sc.lr, sc.epochs, sc.batch_size, sc.freqm, sc.timem, sc.mixup, sc.loss, sc.window, sc.noise) == (
+        2.5e-4, 30, 128, 48, 48, 0.6, "bce", 128, True)
+    assert (sc.mean, sc.std) == (-6.845978, 5.5654526)
+    aset = recipe_for("audioset")
+    assert (aset.lr, aset.epochs, aset.batch_size, aset.timem, aset.mixup) == (1e-5, 5, 12, 192, 0.5)
+    assert aset.balanced and aset.select == "wa"
+    assert (aset.lr_decay, aset.lr_decay_start, aset.wa_start, aset.wa_end, aset.warmup_steps) == (0.5, 2, 1, 5, 1000)
+    custom = recipe_for("my-sounds", pretrained="none", multi_label=True)
+    assert (custom.lr, custom.epochs, custom.batch_size, custom.loss) == (1e-4, 10, 32, "bce")
+    assert recipe_for("my-sounds").lr == 1e-5
+    changed = esc.replace(lr=3e-4, epochs=3, mixup=None)
+    assert (changed.lr, changed.epochs, changed.mixup) == (3e-4, 3, 0.0)
+    assert Recipe.from_dict(changed.to_dict()) == changed
+    with pytest.raises(UsageError, match="unknown recipe field"):
+        esc.replace(learning_rate=1.0)
+    with pytest.raises(UsageError, match="wa-start"):
+        esc.replace(wa_start=3, wa_end=30)
+    with pytest.raises(UsageError, match="mixup"):
+        esc.replace(mixup=1.5)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_per_epoch_like_ast():
+    r = Recipe(lr=1.0, lr_decay=0.5, lr_decay_start=2)
+    assert loop.learning_rate(r, 1, 1, 4) == 0.25 and loop.learning_rate(r, 1, 3, 4) == 0.75
+    assert loop.learning_rate(r, 1, 4, 4) == 1.0 and loop.learning_rate(r, 2, 99, 4) == 1.0
+    assert loop.learning_rate(r, 3, 99, 4) == 0.5 and loop.learning_rate(r, 5, 99, 0) == 0.125
+
+
+# -- learning ------------------------------------------------------------------------------------------
+
+
+def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
+    from astcli.tagger import load_model
+
+    data = make_folder(tmp_path / "sounds", per_class=16, seed=1)
+    result = loop.train(str(data), tmp_path / "out", arch="elastic", size="tiny", init="none",
+                        model_options={**TINY, "max_frames": 128}, epochs=8, lr=2e-3, batch_size=4,
+                        lr_decay_start=100, val_fraction=0.25, num_workers=0, progress=False)
+    run = result.runs[0]
+    assert run.selected == "best" and run.metrics["top1"] >= 0.75  # 16 validation clips; chance: 0.25
+    assert [r["epoch"] for r in run.history] == list(range(1, 9))
+    out = tmp_path / "out"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 8
+    header = (out / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "lr", "train_loss", "top1", "seconds", "clips_per_s"} <= set(header)
+    assert (out / "curves.png").stat().st_size > 0 and not (out / "state.pt").exists()
+    tagger = load_model(out / "model", device="cpu")
+    assert tagger.labels == ["chirp", "clicks", "noise", "tone"] and tagger.config.family == "elastic"
+    waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in sorted(data.glob("*/*.wav"))]
+    truth = torch.tensor([tagger.labels.index(Path(p).parent.name) for p in sorted(data.glob("*/*.wav"))])
+    accuracy = (tagger.predict(waves).argmax(-1) == truth).float().mean().item()
+    assert accuracy >= 0.85  # training + validation clips
+
+
+def test_weight_averaging_is_the_mean_of_the_saved_epoch_weights(small_folder, tmp_path):
+    result = loop.train(str(small_folder), tmp_path / "wa", arch="ast", size="tiny", init="none",
+                        model_options=TINY, epochs=3, lr=1e-3, batch_size=6, wa_start=2, wa_end=3,
+                        num_workers=0, progress=False)
+    run = result.runs[0]
+    assert run.selected == "wa" and run.epoch == 3
+    epochs = sorted((tmp_path / "wa" / "epochs").glob("*.safetensors"))
+    assert [p.name for p in epochs] == ["epoch_002.safetensors", "epoch_003.safetensors"]
+    a, b = (load_file(str(p)) for p in epochs)
+    final = load_file(str(tmp_path / "wa" / "model" / "model.safetensors"))
+    assert set(final) == set(a)
+    for key in final:
+        assert torch.allclose(final[key], ((a[key].double() + b[key].double()) / 2).float(), atol=0, rtol=0), key
+    assert not torch.equal(a["blocks.0.fc1.weight"], b["blocks.0.fc1.weight"])
+
+
+def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=4, seed=5, kinds=KINDS[:2])
+    (data / "tone" / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage that is not audio" * 10)
+    (data / "noise" / "empty.wav").write_bytes(b"")
+    # AST with a fixed window reads no headers up front: failures surface in the data workers, every epoch.
+    result = loop.train(str(data), tmp_path / "ast", arch="ast", size="tiny", init="none", model_options=TINY,
+                        epochs=2, lr=1e-3, batch_size=4, window=64, val_fraction=0.2, num_workers=0)
+    assert result.runs[0].bad_clips == 2 and len(result.runs[0].history) == 2
+    assert result.runs[0].history[-1]["bad"] == 2
+    assert capsys.readouterr().err.count("warning") == 1
+    # ElasticAST reads the headers first: the same files are skipped before training, with one warning.
+    result = loop.train(str(data), tmp_path / "elastic", arch="elastic", size="tiny", init="none",
+                        model_options=TINY, epochs=1, lr=1e-3, batch_size=4, num_workers=0)
+    assert result.runs[0].bad_clips == 2
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "2 unreadable" in err
+
+
+# -- resume --------------------------------------------------------------------------------------------
+
+RUNNER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from astcli.train import loop
+
+    mode, data, out = sys.argv[1:4]
+    kw = dict(arch="elastic", size="tiny", init="none", model_options={"dim": 64, "depth": 2, "heads": 2,
+              "mlp_dim": 128, "max_frames": 128}, epochs=3, lr=1e-3, batch_size=2, seed=11, mixup=0.5,
+              noise=True, random_hop=True, token_dropout=0.2, num_workers=0, progress=False)
+    if mode == "straight":
+        result = loop.train(data, out, **kw)
+    elif mode == "hang-after-epoch-1":
+        def hang(record):
+            if record["epoch"] == 1:
+                print("EPOCH-1-SAVED", flush=True)
+                time.sleep(600)
+        result = loop.train(data, out, on_epoch_end=hang, **kw)
+    elif mode == "sigterm-in-epoch-2":
+        seen = []
+        def term(epoch, step):
+            seen.append(epoch)
+            if epoch == 2 and seen.count(2) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        result = loop.train(data, out, on_step=term, **kw)
+    else:
+        result = loop.resume(out, num_workers=0, progress=False)
+    print(json.dumps({"interrupted": result.interrupted, "signum": result.signum}), flush=True)
+    sys.exit(143 if result.interrupted else 0)
+""")
+
+
+def _runner(tmp_path: Path) -> Path:
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    return script
+
+
+def _comparable(out: Path) -> tuple[dict, dict]:
+    result = json.loads((out / "result.json").read_text())
+    for record in result["history"]:
+        for key in loop.TIMING_KEYS:
+            record.pop(key)
+    return result, load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(small_folder, tmp_path_factory):
+    base = tmp_path_factory.mktemp("straight")
+    out = base / "out"
+    subprocess.run([sys.executable, str(_runner(base)), "straight", str(small_folder), str(out)], env=ENV,
+                   check=True, capture_output=True, timeout=300)
+    return _comparable(out)
+
+
+def _assert_same(run_a, run_b):
+    (result_a, weights_a), (result_b, weights_b) = run_a, run_b
+    assert result_a == result_b
+    assert set(weights_a) == set(weights_b)
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_result(small_folder, straight_run, tmp_path):
+    script, out = _runner(tmp_path), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), "hang-after-epoch-1", str(small_folder), str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "EPOCH-1-SAVED"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 0) and not (out / "model").exists()
+    done = subprocess.run([sys.executable, str(script), "resume", str(small_folder), str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _assert_same(straight_run, _comparable(out))
+
+
+def test_sigterm_saves_a_resumable_mid_epoch_checkpoint(small_folder, straight_run, tmp_path):
+    script, out = _runner(tmp_path), tmp_path / "out"
+    stopped = subprocess.run([sys.executable, str(script), "sigterm-in-epoch-2", str(small_folder), str(out)],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr
+    assert json.loads(stopped.stdout.splitlines()[-1]) == {"interrupted": True, "signum": signal.SIGTERM}
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["batch"] == 2  # two steps of epoch 2 done, then saved
+    done = subprocess.run([sys.executable, str(script), "resume", str(small_folder), str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _assert_same(straight_run, _comparable(out))
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
+    from astcli.tagger import load_model
+
+    runner = CliRunner()
+    tiny = [arg for key, value in TINY.items() for arg in ("--model-option", f"{key}={value}")]
+    trained = runner.invoke(app, ["train", "--dataset", str(small_folder), "--arch", "ast", "--size", "tiny",
+                                  "--init", "none", *tiny, "--epochs", "1", "--lr", "1e-3", "--batch-size", "6",
+                                  "--num-workers", "0", "-o", str(tmp_path / "pre")])
+    assert trained.exit_code == 0, trained.output
+    assert "model:" in trained.output and 48 <= load_model(tmp_path / "pre" / "model").config.max_frames <= 98
+
+    esc = make_esc50(tmp_path / "ESC-50")
+    tuned = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "--model",
+                                str(tmp_path / "pre" / "model"), "--window", "128", "--epochs", "2",
+                                "--batch-size", "4", "--lr", "1e-3", "--num-workers", "1", "-o",
+                                str(tmp_path / "esc")])
+    assert tuned.exit_code == 0, tuned.output
+    lines = tuned.output.splitlines()
+    assert lines[0].split() == ["fold", "top1", "model", "epoch"]
+    assert [line.split()[0] for line in lines[1:7]] == ["1", "2", "3", "4", "5", "mean"]
+    assert "±" in lines[6] and lines[7].startswith("AST protocol")
+    summary = json.loads((tmp_path / "esc" / "summary.json").read_text())
+    assert summary["metric"] == "top1" and len(summary["runs"]) == 5
+    tagger = load_model(tmp_path / "esc" / "model")
+    assert tagger.labels == ["tone", "noise", "chirp"] and tagger.config.max_frames == 128
+    assert (tagger.config.mean, tagger.config.std) == (-6.6268077, 5.358466)
+    probs = tagger.predict([torch.from_numpy(make_sound("tone", np.random.default_rng(0), 1.0))])
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+    again = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "-o",
+                                str(tmp_path / "esc"), "--folds", "1"])
+    assert isinstance(again.exception, UsageError) and "--resume" in str(again.exception)
+    resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "esc")])  # every fold done: report
+    assert resumed.exit_code == 0 and resumed.output.splitlines()[:7] == lines[:7]
+
+
+def test_cli_rejects_imagenet_weights_for_small_sizes(small_folder, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--dataset", str(small_folder), "--size", "tiny", "--init",
+                                      "imagenet", "-o", str(tmp_path / "x")])
+    assert isinstance(result.exception, UsageError) and "base size" in str(result.exception)
+    result = CliRunner().invoke(app, ["finetune", "--dataset", str(small_folder), "-o", str(tmp_path / "y"),
+                                      "--folds", "x,y"])
+    assert isinstance(result.exception, UsageError)
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from safetensors.torch import save_file
+    from astcli.train import loop
+
+    data, out = sys.argv[1:3]
+    result = loop.train(data, out, arch="elastic", size="tiny", init="none", model_options={"dim": 64,
+                        "depth": 2, "heads": 2, "mlp_dim": 128, "max_frames": 128}, epochs=1, lr=1e-3,
+                        batch_size=2, num_workers=0, progress=False)
+    run = result.runs[0]
+    state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
+    save_file(state, os.path.join(out, "rank%s.safetensors" % os.environ["RANK"]))
+    print("steps", run.history[-1]["steps"], flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(small_folder, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(small_folder), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    steps = [line for line in done.stdout.splitlines() if line.startswith("steps")]
+    assert len(steps) == 2 and steps[0] == steps[1]  # both ranks took the same number of optimizer steps
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and f"steps {history[0]['steps']}" == steps[0]  # logs written once, by rank 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+# -- ImageNet initialisation ---------------------------------------------------------------------------
+
+
+def _hf_vision_checkpoint(directory: Path, kind: str, image_size: int, dim=64, depth=2, heads=2, mlp=128,
+                          seed=0) -> dict[str, torch.Tensor]:
+    """A tiny transformers DeiT (distilled, with teacher heads) or ViT checkpoint: config.json + safetensors."""
+    gen = torch.Generator().manual_seed(seed)
+    side = image_size // 16
+    prefix = "deit." if kind == "deit" else "vit."
+    tokens = 2 if kind == "deit" else 1
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    state = {
+        prefix + "embeddings.cls_token": rnd(1, 1, dim),
+        prefix + "embeddings.position_embeddings": rnd(1, side * side + tokens, dim),
+        prefix + "embeddings.patch_embeddings.projection.weight": rnd(dim, 3, 16, 16),
+        prefix + "embeddings.patch_embeddings.projection.bias": rnd(dim),
+        prefix + "layernorm.weight": rnd(dim), prefix + "layernorm.bias": rnd(dim),
+    }
+    if kind == "deit":
+        state[prefix + "embeddings.distillation_token"] = rnd(1, 1, dim)
+        for head in ("cls_classifier", "distillation_classifier"):
+            state[head + ".weight"], state[head + ".bias"] = rnd(1000, dim), rnd(1000)
+    else:
+        state["classifier.weight"], state["classifier.bias"] = rnd(1000, dim), rnd(1000)
+    for i in range(depth):
+        layer = f"{prefix}encoder.layer.{i}."
+        for name, shape in (("attention.attention.query", (dim, dim)), ("attention.attention.key", (dim, dim)),
+                            ("attention.attention.value", (dim, dim)), ("attention.output.dense", (dim, dim)),
+                            ("intermediate.dense", (mlp, dim)), ("output.dense", (dim, mlp))):
+            state[layer + name + ".weight"], state[layer + name + ".bias"] = rnd(*shape), rnd(shape[0])
+        for name in ("layernorm_before", "layernorm_after"):
+            state[layer + name + ".weight"], state[layer + name + ".bias"] = rnd(dim), rnd(dim)
+    config = {"model_type": kind, "hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads,
+              "intermediate_size": mlp, "image_size": image_size, "patch_size": 16, "num_channels": 3,
+              "layer_norm_eps": 1e-12}
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(state, str(directory / "model.safetensors"))
+    return state
+
+
+def _hub_cache(cache: Path, repo: str, kind: str, image_size: int) -> dict[str, torch.Tensor]:
+    """Put a fabricated checkpoint where hf_hub_download finds it offline: snapshots/<commit> + refs/main."""
+    commit = "c0ffee" * 6 + "c0ff"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    state = _hf_vision_checkpoint(repo_dir / "snapshots" / commit, kind, image_size)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return state
+
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_deit_weights_map_onto_ast_offline(offline_hub):
+    from astcli.train.init import DEIT_REPO, init_from_imagenet
+
+    theirs = _hub_cache(offline_hub, DEIT_REPO, "deit", 384)  # a 24 x 24 grid, as DeiT-B/16-384
+    pos = theirs["deit.embeddings.position_embeddings"][0]
+    grid = pos[2:].reshape(24, 24, 64)
+    for frames, expected in (
+        (128, grid[6:18, 6:18]),  # 12 x 12 audio grid: centre cut along both axes
+        (512, F.interpolate(grid.permute(2, 0, 1)[None], size=(24, 50), mode="bilinear")[0].permute(1, 2, 0)[6:18]),
+    ):
+        model = AudioTransformer(ast_config("tiny", **TINY, max_frames=frames, num_classes=3))
+        fresh = model.head.weight.clone()
+        left = init_from_imagenet(model, cache_dir=offline_hub)
+        assert left == ["head.bias", "head.weight", "head_norm.bias", "head_norm.weight"]
+        ours = model.state_dict()
+        assert torch.allclose(ours["pos_grid"], expected, atol=1e-6)
+        conv = theirs["deit.embeddings.patch_embeddings.projection.weight"]
+        assert torch.equal(ours["patch_embed.weight"], conv.sum(1).reshape(64, 256))
+        cls, dist = theirs["deit.embeddings.cls_token"][0, 0], theirs["deit.embeddings.distillation_token"][0, 0]
+        assert torch.equal(ours["prefix"], torch.stack([cls, dist])) and torch.equal(ours["prefix_pos"], pos[:2])
+        layer = "deit.encoder.layer.1."
+        qkv = torch.cat([theirs[layer + f"attention.attention.{n}.weight"] for n in ("query", "key", "value")])
+        assert torch.equal(ours["blocks.1.attn.qkv.weight"], qkv)
+        assert torch.equal(ours["blocks.1.fc2.weight"], theirs[layer + "output.dense.weight"])
+        assert torch.equal(ours["blocks.1.norm2.bias"], theirs[layer + "layernorm_after.bias"])
+        assert torch.equal(ours["norm.weight"], theirs["deit.layernorm.weight"])
+        assert torch.equal(ours["head.weight"], fresh)
+    with pytest.raises(ModelError, match="hidden_size"):
+        init_from_imagenet(AudioTransformer(ast_config("tiny", depth=2, num_classes=3)), cache_dir=offline_hub)
+
+
+def test_vit_weights_map_onto_elastic_offline(offline_hub):
+    from astcli.train.init import VIT_REPO, init_from_imagenet
+
+    theirs = _hub_cache(offline_hub, VIT_REPO, "vit", 224)  # 14 x 14, as ViT-B/16-224
+    model = AudioTransformer(elastic_config("tiny", **TINY, num_classes=5))  # 8 x 64 audio grid
+    left = init_from_imagenet(model, cache_dir=offline_hub)
+    assert left == ["head.bias", "head.weight", "head_norm.bias", "head_norm.weight", "pool.query"]
+    grid = theirs["vit.embeddings.position_embeddings"][0, 1:].reshape(14, 14, 64)
+    adapted = F.interpolate(grid.permute(2, 0, 1)[None], size=(14, 64), mode="bilinear")[0].permute(1, 2, 0)[3:11]
+    ours = model.state_dict()
+    assert torch.allclose(ours["pos_freq"], adapted.mean(1), atol=1e-6)
+    assert torch.allclose(ours["pos_time"], adapted.mean(0), atol=1e-6)
+    qkv = [torch.cat([theirs[f"vit.encoder.layer.{i}.attention.attention.{n}.weight"]
+                      for n in ("query", "key", "value")]) for i in range(2)]
+    mean_qkv = (qkv[0] + qkv[1]) / 2
+    assert torch.allclose(ours["pool.q.weight"], mean_qkv[:64])
+    assert torch.allclose(ours["pool.kv.weight"], mean_qkv[64:])
+    proj = [theirs[f"vit.encoder.layer.{i}.attention.output.dense.weight"] for i in range(2)]
+    assert torch.allclose(ours["pool.proj.weight"], (proj[0] + proj[1]) / 2)
+    assert "prefix" not in ours
+    from astcli.model import pack_clips, patchify
+
+    clip = patchify(torch.randn(160, 128), model.config)
+    assert model(pack_clips([clip], 0)).shape == (1, 5)
+
+
+def test_imagenet_weights_missing_from_the_offline_cache_is_a_model_error(offline_hub):
+    from astcli.train.init import init_from_imagenet
+
+    offline_hub.mkdir()
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        init_from_imagenet(AudioTransformer(ast_config("tiny", **TINY)), cache_dir=offline_hub)
+    assert time.monotonic() - started < 30
