@@ -121,7 +121,8 @@ def elastic_native_vs_padded(paths: list[str]) -> None:
 
 
 RSS_PROBE = (
-    "import resource, sys, torch; from astcli.tag import tag_files; from astcli.tagger import AudioTagger;"
+    "import resource, sys, torch, astcli; astcli.keep_freed_memory();"
+    "from astcli.tag import tag_files; from astcli.tagger import AudioTagger;"
     "from astcli.model import AudioTransformer, elastic_config; torch.manual_seed(0);"
     "t = AudioTagger(AudioTransformer(elastic_config('small', num_classes=527)));"
     "r = list(tag_files(t, [sys.argv[1]]));"
