@@ -13,7 +13,7 @@ from contextlib import closing
 
 import typer
 
-from astcli import __version__
+from astcli import __version__, keep_freed_memory
 from astcli.errors import AstcliError, DatasetError, ModelError, UsageError
 
 app = typer.Typer(
@@ -266,16 +266,16 @@ def finetune(
                                   "is not a terminal."),
     **overrides,
 ) -> None:
-    from astcli.train import loop
+    from astcli.train import experiment
 
     runtime = _training_runtime(device, num_workers, progress)
     if resume:
-        result = loop.resume(resume, **runtime)
+        result = experiment.resume(resume, **runtime)
     else:
         if not dataset or not output:
             raise UsageError("ast finetune needs --dataset and --output (or --resume DIR)")
-        result = loop.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds), seed=seed,
-                               amp=amp, **runtime, **overrides)
+        result = experiment.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds),
+                                     seed=seed, amp=amp, **runtime, **overrides)
     _report_training(result, "finetune")
 
 
@@ -307,11 +307,11 @@ def train(
 ) -> None:
     import json
 
-    from astcli.train import loop
+    from astcli.train import experiment
 
     runtime = _training_runtime(device, num_workers, progress)
     if resume:
-        result = loop.resume(resume, **runtime)
+        result = experiment.resume(resume, **runtime)
     else:
         if not dataset or not output:
             raise UsageError("ast train needs --dataset and --output (or --resume DIR)")
@@ -324,9 +324,45 @@ def train(
                 options[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 options[key.strip()] = value
-        result = loop.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
-                            data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime, **overrides)
+        result = experiment.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
+                                  data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime,
+                                  **overrides)
     _report_training(result, "train")
+
+
+@app.command(
+    "export",
+    help="Export a model to ONNX for ONNX Runtime on CPU or GPU, with dynamic length.\n\n"
+    "The graph takes packed patch tokens (the default; `ast tag --model FILE.onnx` runs it) or, with "
+    "--with-features, waveforms. It is checked against PyTorch with ONNX Runtime before the file is written; "
+    "the model's labels and preprocessing travel in its metadata. See docs/export.md.",
+)
+def export(
+    onnx: bool = typer.Option(False, "--onnx", help="Write an ONNX graph (the only export format)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model to export: a preset, hub id, model directory or "
+                              "checkpoint file (default: ast-audioset)."),
+    output: str = typer.Option(..., "--output", "-o", help="Destination file, ending in .onnx."),
+    labels: str = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, "
+                               "JSON, or one label per line)."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin."),
+    hop_ms: float = typer.Option(None, "--hop-ms", help="ElasticAST feature hop in ms, stored as the model's "
+                                 "default (and built into a --with-features graph)."),
+    opset: int = typer.Option(None, "--opset", help="ONNX opset, 17 to 25 (default 18; 23+ uses the fused "
+                              "Attention op, which needs a recent onnxruntime)."),
+    fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute, for CUDAExecutionProvider "
+                              "(inputs and outputs stay float32)."),
+    quantize: str = typer.Option(None, "--quantize", help="int8: dynamically quantized weights, for CPU."),
+    with_features: bool = typer.Option(False, "--with-features", help="Take waveforms [clips, samples] at the "
+                                       "model's sample rate instead of patches: fbank and patching in the graph."),
+) -> None:
+    if not onnx:
+        raise UsageError("choose an export format: --onnx (the only one so far)")
+    from astcli.export import export_model
+
+    report = export_model(model, output, labels=labels, revision=revision, hop_ms=hop_ms, opset=opset, fp16=fp16,
+                          quantize=quantize, with_features=with_features)
+    for line in report.lines():
+        typer.echo(line)
 
 
 # -- commands end --
@@ -341,6 +377,7 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Console-script entry point: run the app and turn library errors into one line + exit code."""
+    keep_freed_memory()
     try:
         app(prog_name="ast")
     except (ModelError, UsageError, DatasetError) as exc:

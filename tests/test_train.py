@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from astcli.cli import app
 from astcli.errors import ModelError, UsageError
 from astcli.model import AudioTransformer, ast_config, elastic_config
-from astcli.train import loop
+from astcli.train import experiment, loop
 from astcli.train.recipes import Recipe, recipe_for
 
 SR = 16000
@@ -135,9 +135,9 @@ def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
     from astcli.tagger import load_model
 
     data = make_folder(tmp_path / "sounds", per_class=16, seed=1)
-    result = loop.train(str(data), tmp_path / "out", arch="elastic", size="tiny", init="none",
-                        model_options={**TINY, "max_frames": 128}, epochs=8, lr=2e-3, batch_size=4,
-                        lr_decay_start=100, val_fraction=0.25, num_workers=0, progress=False)
+    result = experiment.train(str(data), tmp_path / "out", arch="elastic", size="tiny", init="none",
+                              model_options={**TINY, "max_frames": 128}, epochs=8, lr=2e-3, batch_size=4,
+                              lr_decay_start=100, val_fraction=0.25, num_workers=0, progress=False)
     run = result.runs[0]
     assert run.selected == "best" and run.metrics["top1"] >= 0.75  # 16 validation clips; chance: 0.25
     assert [r["epoch"] for r in run.history] == list(range(1, 9))
@@ -155,9 +155,9 @@ def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
 
 
 def test_weight_averaging_is_the_mean_of_the_saved_epoch_weights(small_folder, tmp_path):
-    result = loop.train(str(small_folder), tmp_path / "wa", arch="ast", size="tiny", init="none",
-                        model_options=TINY, epochs=3, lr=1e-3, batch_size=6, wa_start=2, wa_end=3,
-                        num_workers=0, progress=False)
+    result = experiment.train(str(small_folder), tmp_path / "wa", arch="ast", size="tiny", init="none",
+                              model_options=TINY, epochs=3, lr=1e-3, batch_size=6, wa_start=2, wa_end=3,
+                              num_workers=0, progress=False)
     run = result.runs[0]
     assert run.selected == "wa" and run.epoch == 3
     epochs = sorted((tmp_path / "wa" / "epochs").glob("*.safetensors"))
@@ -175,14 +175,14 @@ def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
     (data / "tone" / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage that is not audio" * 10)
     (data / "noise" / "empty.wav").write_bytes(b"")
     # AST with a fixed window reads no headers up front: failures surface in the data workers, every epoch.
-    result = loop.train(str(data), tmp_path / "ast", arch="ast", size="tiny", init="none", model_options=TINY,
-                        epochs=2, lr=1e-3, batch_size=4, window=64, val_fraction=0.2, num_workers=0)
+    result = experiment.train(str(data), tmp_path / "ast", arch="ast", size="tiny", init="none", model_options=TINY,
+                              epochs=2, lr=1e-3, batch_size=4, window=64, val_fraction=0.2, num_workers=0)
     assert result.runs[0].bad_clips == 2 and len(result.runs[0].history) == 2
     assert result.runs[0].history[-1]["bad"] == 2
     assert capsys.readouterr().err.count("warning") == 1
     # ElasticAST reads the headers first: the same files are skipped before training, with one warning.
-    result = loop.train(str(data), tmp_path / "elastic", arch="elastic", size="tiny", init="none",
-                        model_options=TINY, epochs=1, lr=1e-3, batch_size=4, num_workers=0)
+    result = experiment.train(str(data), tmp_path / "elastic", arch="elastic", size="tiny", init="none",
+                              model_options=TINY, epochs=1, lr=1e-3, batch_size=4, num_workers=0)
     assert result.runs[0].bad_clips == 2
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "2 unreadable" in err
@@ -192,29 +192,29 @@ def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
 
 RUNNER = textwrap.dedent("""
     import json, os, signal, sys, time
-    from astcli.train import loop
+    from astcli.train import experiment
 
     mode, data, out = sys.argv[1:4]
     kw = dict(arch="elastic", size="tiny", init="none", model_options={"dim": 64, "depth": 2, "heads": 2,
               "mlp_dim": 128, "max_frames": 128}, epochs=3, lr=1e-3, batch_size=2, seed=11, mixup=0.5,
               noise=True, random_hop=True, token_dropout=0.2, num_workers=0, progress=False)
     if mode == "straight":
-        result = loop.train(data, out, **kw)
+        result = experiment.train(data, out, **kw)
     elif mode == "hang-after-epoch-1":
         def hang(record):
             if record["epoch"] == 1:
                 print("EPOCH-1-SAVED", flush=True)
                 time.sleep(600)
-        result = loop.train(data, out, on_epoch_end=hang, **kw)
+        result = experiment.train(data, out, on_epoch_end=hang, **kw)
     elif mode == "sigterm-in-epoch-2":
         seen = []
         def term(epoch, step):
             seen.append(epoch)
             if epoch == 2 and seen.count(2) == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
-        result = loop.train(data, out, on_step=term, **kw)
+        result = experiment.train(data, out, on_step=term, **kw)
     else:
-        result = loop.resume(out, num_workers=0, progress=False)
+        result = experiment.resume(out, num_workers=0, progress=False)
     print(json.dumps({"interrupted": result.interrupted, "signum": result.signum}), flush=True)
     sys.exit(143 if result.interrupted else 0)
 """)
@@ -337,12 +337,12 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys
     import torch
     from safetensors.torch import save_file
-    from astcli.train import loop
+    from astcli.train import experiment
 
     data, out = sys.argv[1:3]
-    result = loop.train(data, out, arch="elastic", size="tiny", init="none", model_options={"dim": 64,
-                        "depth": 2, "heads": 2, "mlp_dim": 128, "max_frames": 128}, epochs=1, lr=1e-3,
-                        batch_size=2, num_workers=0, progress=False)
+    result = experiment.train(data, out, arch="elastic", size="tiny", init="none", model_options={"dim": 64,
+                              "depth": 2, "heads": 2, "mlp_dim": 128, "max_frames": 128}, epochs=1, lr=1e-3,
+                              batch_size=2, num_workers=0, progress=False)
     run = result.runs[0]
     state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
     save_file(state, os.path.join(out, "rank%s.safetensors" % os.environ["RANK"]))
