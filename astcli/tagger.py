@@ -155,6 +155,8 @@ class EnsembleTagger:
 
     def __getattr__(self, name):
         # Shared read-only properties (labels, config, sample_rate, hop_ms, features, ...) of the first member.
+        if name == "members":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.members[0], name)
 
     def score_windows(self, windows: list[torch.Tensor], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:

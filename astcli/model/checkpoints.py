@@ -122,7 +122,12 @@ def _weights_file(directory: Path, names: tuple[str, ...]) -> Path:
 def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
     """A transformers ``ASTForAudioClassification`` directory (config.json + weights + preprocessor)."""
     prep_file = directory / "preprocessor_config.json"
-    prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
+    try:
+        prep = json.loads(prep_file.read_text(encoding="utf-8")) if prep_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{prep_file}: not valid JSON") from None
+    if not isinstance(prep, dict):
+        raise ModelError(f"{prep_file}: not a JSON object")
     id2label = meta.get("id2label") or {}
     labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
     try:
