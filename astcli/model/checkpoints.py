@@ -168,19 +168,27 @@ def convert_hf_ast(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     weight = take(e + "patch_embeddings.projection.weight")
     out["patch_embed.weight"] = weight.reshape(weight.shape[0], -1)
     out["patch_embed.bias"] = take(e + "patch_embeddings.projection.bias")
-    for i in range(config.depth):
-        src, dst = f"{a}encoder.layer.{i}.", f"blocks.{i}."
+    out.update(convert_hf_vit_blocks(take, a, config.depth, config.qkv_bias))
+    finals = (("norm", a + "layernorm"), ("head_norm", "classifier.layernorm"), ("head", "classifier.dense"))
+    for ours, theirs in finals:
+        out[ours + ".weight"], out[ours + ".bias"] = take(theirs + ".weight"), take(theirs + ".bias")
+    return out
+
+
+def convert_hf_vit_blocks(take, prefix: str, depth: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
+    """Encoder blocks in transformers' ViT layout (shared by AST, DeiT and ViT: ``{prefix}encoder.layer.N.*``)
+    -> ours; ``take(key)`` returns a tensor or raises ModelError."""
+    out = {}
+    for i in range(depth):
+        src, dst = f"{prefix}encoder.layer.{i}.", f"blocks.{i}."
         qkv = [src + f"attention.attention.{n}" for n in ("query", "key", "value")]
         out[dst + "attn.qkv.weight"] = torch.cat([take(k + ".weight") for k in qkv])
-        if config.qkv_bias:
+        if qkv_bias:
             out[dst + "attn.qkv.bias"] = torch.cat([take(k + ".bias") for k in qkv])
         for ours, theirs in (("attn.proj", "attention.output.dense"), ("fc1", "intermediate.dense"),
                              ("fc2", "output.dense"), ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
             out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
             out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
-    finals = (("norm", a + "layernorm"), ("head_norm", "classifier.layernorm"), ("head", "classifier.dense"))
-    for ours, theirs in finals:
-        out[ours + ".weight"], out[ours + ".bias"] = take(theirs + ".weight"), take(theirs + ".bias")
     return out
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from astcli.errors import ModelError
-from astcli.model.checkpoints import read_weights
+from astcli.model.checkpoints import convert_hf_vit_blocks, read_weights
 from astcli.model.config import ModelConfig
 from astcli.model.transformer import AudioTransformer, resize_grid
 
@@ -123,17 +123,7 @@ def imagenet_state(meta: dict, state: dict[str, torch.Tensor], config: ModelConf
     else:
         out["pos_freq"] = grid.mean(1)
         out["pos_time"] = grid.mean(0)
-    for i in range(config.depth):
-        src, dst = f"{p}encoder.layer.{i}.", f"blocks.{i}."
-        qkv = [src + f"attention.attention.{n}" for n in ("query", "key", "value")]
-        out[dst + "attn.qkv.weight"] = torch.cat([take(k + ".weight") for k in qkv])
-        if config.qkv_bias:
-            out[dst + "attn.qkv.bias"] = torch.cat([take(k + ".bias") for k in qkv])
-        for ours, theirs in (("attn.proj", "attention.output.dense"), ("fc1", "intermediate.dense"),
-                             ("fc2", "output.dense"), ("norm1", "layernorm_before"),
-                             ("norm2", "layernorm_after")):
-            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
-            out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
+    out.update(convert_hf_vit_blocks(take, p, config.depth, config.qkv_bias))
     out["norm.weight"], out["norm.bias"] = take(p + "layernorm.weight"), take(p + "layernorm.bias")
     if config.pooling == "attention":
         qkv_w = torch.stack([out[f"blocks.{i}.attn.qkv.weight"] for i in range(config.depth)]).mean(0)
