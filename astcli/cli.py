@@ -242,6 +242,22 @@ def _report_training(result, command: str) -> None:
 _TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folders, a .csv manifest "
                        "(path,labels[,fold]) or a .json datafile.")
 
+# Options that `train` and `finetune` share, declared once.
+_TRAINING = {
+    "dataset": typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
+    "data_dir": typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
+    "output": typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
+    "resume": typer.Option(None, "--resume", help="Continue the run saved in this directory."),
+    "folds": typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no "
+                          "cross-validation."),
+    "seed": typer.Option(0, "--seed", help="Random seed."),
+    "amp": typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
+    "device": typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    "num_workers": typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
+    "progress": typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it is "
+                             "not a terminal."),
+}
+
 
 @app.command(
     help="Fine-tune a pretrained tagger on a dataset: a new head for its classes, the dataset's recipe "
@@ -250,20 +266,18 @@ _TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folde
 )
 @_with_recipe_options
 def finetune(
-    dataset: str = typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
-    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
+    dataset: str = _TRAINING['dataset'],
+    data_dir: str = _TRAINING['data_dir'],
     model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
                               "or checkpoint (default: ast-audioset)."),
-    output: str = typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
-    resume: str = typer.Option(None, "--resume", help="Continue the run saved in this directory."),
-    folds: str = typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no cross-"
-                              "validation."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    num_workers: int = typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
-    progress: bool = typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
-                                  "is not a terminal."),
+    output: str = _TRAINING['output'],
+    resume: str = _TRAINING['resume'],
+    folds: str = _TRAINING['folds'],
+    seed: int = _TRAINING['seed'],
+    amp: str = _TRAINING['amp'],
+    device: str = _TRAINING['device'],
+    num_workers: int = _TRAINING['num_workers'],
+    progress: bool = _TRAINING['progress'],
     **overrides,
 ) -> None:
     from astcli.train import experiment
@@ -286,23 +300,21 @@ def finetune(
 )
 @_with_recipe_options
 def train(
-    dataset: str = typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
-    data_dir: str = typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
+    dataset: str = _TRAINING['dataset'],
+    data_dir: str = _TRAINING['data_dir'],
     arch: str = typer.Option("ast", "--arch", help="ast or elastic."),
     size: str = typer.Option("base", "--size", help="tiny, small or base."),
     init: str = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
     model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
                                            "(e.g. depth=6), repeatable."),
-    output: str = typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
-    resume: str = typer.Option(None, "--resume", help="Continue the run saved in this directory."),
-    folds: str = typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no cross-"
-                              "validation."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    amp: str = typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    num_workers: int = typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
-    progress: bool = typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
-                                  "is not a terminal."),
+    output: str = _TRAINING['output'],
+    resume: str = _TRAINING['resume'],
+    folds: str = _TRAINING['folds'],
+    seed: int = _TRAINING['seed'],
+    amp: str = _TRAINING['amp'],
+    device: str = _TRAINING['device'],
+    num_workers: int = _TRAINING['num_workers'],
+    progress: bool = _TRAINING['progress'],
     **overrides,
 ) -> None:
     import json
