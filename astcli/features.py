@@ -43,13 +43,9 @@ def frames_for_samples(
     return 1 + (num_samples - length) // shift if num_samples >= length else 0
 
 
-@functools.lru_cache(maxsize=32)
-def _constants(length: int, sample_rate: int, num_mel_bins: int, device: torch.device, dtype: torch.dtype):
-    """Hann window [length] and the mel matrix [n_fft // 2, num_mel_bins] (the Nyquist bin, always weighted
-    zero, is left out) cut into bands: (first_row, last_row + 1, weights) per 16 mel bins, their rows
-    limited to the FFT bins those filters touch, so the matmul skips the zeros of the band matrix."""
-    n_fft = 1 << (length - 1).bit_length()
-    window = torch.hann_window(length, periodic=False, dtype=torch.float64)
+def mel_filters(sample_rate: int, n_fft: int, num_mel_bins: int) -> torch.Tensor:
+    """Kaldi's triangular mel filters ``[n_fft // 2, num_mel_bins]`` (float64) from 20 Hz to Nyquist, on the
+    mel scale 1127 ln(1 + f / 700); the Nyquist bin, always weighted zero, is left out."""
 
     def mel(freq):
         return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64) / 700.0)
@@ -59,7 +55,17 @@ def _constants(length: int, sample_rate: int, num_mel_bins: int, device: torch.d
     bin_mels = mel(torch.arange(n_fft // 2, dtype=torch.float64) * (sample_rate / n_fft))
     rising = (bin_mels - left) / (center - left)
     falling = (right - bin_mels) / (right - center)
-    filters = torch.minimum(rising, falling).clamp_min(0.0).T.to(device, dtype)
+    return torch.minimum(rising, falling).clamp_min(0.0).T.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(length: int, sample_rate: int, num_mel_bins: int, device: torch.device, dtype: torch.dtype):
+    """Hann window [length] and the mel matrix [n_fft // 2, num_mel_bins] (the Nyquist bin, always weighted
+    zero, is left out) cut into bands: (first_row, last_row + 1, weights) per 16 mel bins, their rows
+    limited to the FFT bins those filters touch, so the matmul skips the zeros of the band matrix."""
+    n_fft = 1 << (length - 1).bit_length()
+    window = torch.hann_window(length, periodic=False, dtype=torch.float64)
+    filters = mel_filters(sample_rate, n_fft, num_mel_bins).to(device, dtype)
     bands = []
     for band in filters.split(16, dim=1):
         rows = band.any(dim=1).nonzero()

@@ -39,6 +39,17 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def checked_hop(config: ModelConfig, hop_ms: float | None, name: str) -> float:
+    """The feature hop to run at: the trained one by default; another only for ElasticAST models."""
+    hop = float(hop_ms or config.hop_ms)
+    if hop != config.hop_ms and config.family != "elastic":
+        raise UsageError(f"{name} is an AST model trained at a {config.hop_ms:g} ms hop; "
+                         "only ElasticAST models take --hop-ms")
+    if not 1.0 <= hop <= 100.0:
+        raise UsageError(f"--hop-ms must lie between 1 and 100 (got {hop:g})")
+    return hop
+
+
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> AudioTransformer:
     """An ``AudioTransformer`` holding ``state``; any missing, unexpected or mis-shaped tensor is a ModelError."""
     model = AudioTransformer(config)
@@ -70,13 +81,7 @@ class AudioTagger:
         self.dtype = resolve_dtype(dtype)
         self.model = model.to(self.device, self.dtype).eval()
         self.name = name
-        config = model.config
-        self.hop_ms = float(hop_ms or config.hop_ms)
-        if self.hop_ms != config.hop_ms and config.family != "elastic":
-            raise UsageError(f"{name or 'this model'} is an AST model trained at a {config.hop_ms:g} ms hop; "
-                             "only ElasticAST models take --hop-ms")
-        if not 1.0 <= self.hop_ms <= 100.0:
-            raise UsageError(f"--hop-ms must lie between 1 and 100 (got {self.hop_ms:g})")
+        self.hop_ms = checked_hop(model.config, hop_ms, name or "this model")
 
     @property
     def config(self) -> ModelConfig:
