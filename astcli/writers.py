@@ -87,13 +87,17 @@ class TableWriter(Writer):
 
         self.console = Console(file=stream, highlight=False, soft_wrap=False)
         self.first = True
+        self.file_width = 16  # grows with the longest name so far, so rows of later files stay aligned
 
     def write(self, record: dict) -> None:
         from rich.table import Table
 
+        self.file_width = max(self.file_width, len(record["file"]))
         table = Table(show_header=self.first, box=None, pad_edge=False, expand=False)
+        widths = {"file": self.file_width, "seconds": 8, "label": 32, "score": 6}
         for name, justify in (("file", "left"), ("seconds", "right"), ("label", "left"), ("score", "right")):
-            table.add_column(name, justify=justify, style="bold" if name == "file" else None)
+            table.add_column(name, justify=justify, style="bold" if name == "file" else None,
+                             min_width=widths[name], max_width=None if name != "label" else 48)
         if record.get("error"):
             table.add_row(record["file"], "", f"[red]error: {record['error']}[/red]", "")
         else:

@@ -306,3 +306,15 @@ def test_hour_long_file_in_bounded_memory(model_dir, tmp_path):
         assert duration == pytest.approx(3600.0 if name == "hour" else 10.0)
     assert Path(long_file).stat().st_size > 100e6
     assert peaks["hour"] <= 1.3 * peaks["ten"], peaks
+
+
+def test_table_format_for_people(model_dir, clips, capsys, monkeypatch):
+    code, out, _ = run_cli(["tag", "-m", model_dir, "-f", "table", "-k", "2", clips[0], "missing.wav", clips[1]],
+                           capsys, monkeypatch)
+    lines = out.splitlines()
+    assert code == 1 and lines[0].split() == ["file", "seconds", "label", "score"]
+    assert lines[1].startswith(clips[0]) and "1.20" in lines[1]
+    assert "missing.wav" in out and "error: no such file" in out
+    # every score column ends at the same place, whichever file the row belongs to
+    score_rows = [line.rstrip() for line in lines[1:] if line.rstrip()[-5:].replace(".", "").isdigit()]
+    assert len(score_rows) == 4 and len({len(row) for row in score_rows}) == 1
