@@ -85,7 +85,9 @@ class TableWriter(Writer):
         super().__init__(stream)
         from rich.console import Console
 
-        self.console = Console(file=stream, highlight=False, soft_wrap=False)
+        # A terminal's width is respected; written to a file or pipe the table is never squeezed.
+        width = None if stream.isatty() else 1000
+        self.console = Console(file=stream, highlight=False, soft_wrap=False, width=width)
         self.first = True
         self.file_width = 16  # grows with the longest name so far, so rows of later files stay aligned
 
