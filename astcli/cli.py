@@ -112,7 +112,7 @@ def tag(
     failed = 0
     try:
         with _progress(len(paths), progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
-            writer = make_writer(fmt, stream)
+            writer = make_writer(fmt, stream, paths)
             for record in records:
                 if record.get("error"):
                     failed += 1

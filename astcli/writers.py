@@ -81,7 +81,7 @@ class DelimitedWriter(Writer):
 class TableWriter(Writer):
     """A rich table for people at a terminal, printed file by file."""
 
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str], file_width: int = 16):
         super().__init__(stream)
         from rich.console import Console
 
@@ -89,7 +89,7 @@ class TableWriter(Writer):
         width = None if stream.isatty() else 1000
         self.console = Console(file=stream, highlight=False, soft_wrap=False, width=width)
         self.first = True
-        self.file_width = 16  # grows with the longest name so far, so rows of later files stay aligned
+        self.file_width = file_width  # the longest input name, so that every file's rows line up
 
     def write(self, record: dict) -> None:
         from rich.table import Table
@@ -113,8 +113,8 @@ class TableWriter(Writer):
         self.stream.flush()
 
 
-def make_writer(fmt: str, stream: IO[str]) -> Writer:
-    """A writer of format ``fmt`` (one of FORMATS) over ``stream``."""
+def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None) -> Writer:
+    """A writer of format ``fmt`` (one of FORMATS) over ``stream``; ``names`` (the inputs) size the table."""
     if fmt == "jsonl":
         return JsonlWriter(stream)
     if fmt == "json":
@@ -122,5 +122,5 @@ def make_writer(fmt: str, stream: IO[str]) -> Writer:
     if fmt in ("csv", "tsv"):
         return DelimitedWriter(stream, "," if fmt == "csv" else "\t")
     if fmt == "table":
-        return TableWriter(stream)
+        return TableWriter(stream, max([16, *(len(n) for n in names or [])]))
     raise ValueError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
