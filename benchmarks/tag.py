@@ -167,7 +167,8 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             ours[dtype], scores = run_astcli(model_dir, paths, dtype)
             print(f"  ast tag --dtype {dtype:9}            {ours[dtype]:7.2f} s  "
-                  f"({audio / ours[dtype]:5.2f}x real time)  speed-up {hf_time / ours[dtype]:4.2f}x  max |score diff| {np.abs(scores - hf_scores).max():.2e}")
+                  f"({audio / ours[dtype]:5.2f}x real time)  speed-up {hf_time / ours[dtype]:4.2f}x  "
+                  f"max |score diff| {np.abs(scores - hf_scores).max():.2e}")
         kept_time, _ = run_transformers(model_dir, paths, KEEP_FREED)
         print(f"  transformers pipeline + ast's glibc setting {kept_time:7.2f} s  "
               f"(ast tag float32 vs it: {kept_time / ours['float32']:4.2f}x)")
