@@ -38,7 +38,7 @@ from astcli.errors import ModelError, UsageError
 from astcli.features import PREEMPHASIS, mel_filters, normalize
 from astcli.model.config import ModelConfig
 from astcli.model.packing import CLS, DIST, Clip, PackedBatch, batch_clips, fit_frames, pack_clips, patchify
-from astcli.tagger import DEFAULT_BATCH_TOKENS, AudioTagger, checked_hop
+from astcli.tagger import AudioTagger, checked_hop
 
 PACKED_INPUTS = ("patches", "freq_pos", "time_pos", "token_kind", "clip_ids", "clip_index")
 WAVEFORM_INPUTS = ("waveform",)
@@ -606,11 +606,11 @@ class OnnxTagger(AudioTagger):
         logits, probs = self.session.run(list(OUTPUTS), feeds)
         return logits, probs
 
-    def logits(self, clips: list[Clip], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+    def logits(self, clips: list[Clip], batch_tokens: int | None = None) -> torch.Tensor:
         """Logits ``[len(clips), classes]`` (float32, CPU), packing clips into batches of ``batch_tokens``."""
         prefix = self.config.prefix_tokens
         out = torch.empty(len(clips), self.config.num_classes)
-        for idx in batch_clips([len(c) + prefix for c in clips], batch_tokens):
+        for idx in batch_clips([len(c) + prefix for c in clips], batch_tokens or self.default_batch_tokens):
             out[idx] = torch.from_numpy(self.run(pack_clips([clips[i] for i in idx], prefix))[0]).float()
         return out
 

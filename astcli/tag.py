@@ -21,7 +21,6 @@ import torch
 from astcli.audio import AUDIO_EXTENSIONS, stream_audio
 from astcli.errors import AstcliError, UsageError
 from astcli.features import StreamingFbank
-from astcli.tagger import DEFAULT_BATCH_TOKENS
 
 AGGREGATES = ("mean", "max")
 
@@ -36,7 +35,7 @@ class TagOptions:
     top_k: int = 5  # 0 = every class
     threshold: float | None = None
     timeline: bool = False
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    batch_tokens: int | None = None  # default: the tagger's for its device
     workers: int = 1
     block_seconds: float = 10.0
 
@@ -129,7 +128,8 @@ class Tagger:
             if options.hop <= 0:
                 raise UsageError("--hop must be positive")
             self.hop_frames = max(1, round(options.hop * 1000.0 / hop_ms))
-        if options.batch_tokens < 1 or options.workers < 1 or options.top_k < 0:
+        self.batch_tokens = options.batch_tokens or tagger.default_batch_tokens
+        if self.batch_tokens < 1 or options.workers < 1 or options.top_k < 0:
             raise UsageError("--batch-tokens and --workers must be at least 1, --top-k at least 0")
         if options.aggregate not in (None, *AGGREGATES):
             raise UsageError(f"--aggregate must be one of {', '.join(AGGREGATES)}")
@@ -191,7 +191,7 @@ class Tagger:
             nonlocal pending_tokens
             live = [p for p in pending if results[p[0]].error is None]
             if live:
-                probs = self.tagger.score_windows([w for _, _, w in live], opts.batch_tokens)
+                probs = self.tagger.score_windows([w for _, _, w in live], self.batch_tokens)
                 for (index, start, _), row in zip(live, probs, strict=True):
                     scores.setdefault(index, []).append((start, row))
                 if on_window_batch:
@@ -225,7 +225,7 @@ class Tagger:
                     for start, w in cut:
                         pending.append((index, start, w))
                         pending_tokens += tokens(min(len(w), self.window_frames))
-                    if pending_tokens >= opts.batch_tokens:
+                    if pending_tokens >= self.batch_tokens:
                         flush()
                 # A file's blocks precede its end in the queue, so a finished file is complete once
                 # the windows of it still pending are scored.

@@ -14,7 +14,9 @@ from astcli.model.packing import Clip, batch_clips, fit_frames, pack_clips, patc
 from astcli.model.presets import DEFAULT_MODEL, get_preset
 from astcli.model.transformer import AudioTransformer
 
-DEFAULT_BATCH_TOKENS = 16384
+# Tokens per packed forward pass: on CPU a few AST windows already make large matrix products (bigger
+# batches only cost memory, docs/benchmarks.md); a GPU wants more work per launch.
+BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,6 +99,11 @@ class AudioTagger:
         return self.config.sample_rate
 
     @property
+    def default_batch_tokens(self) -> int:
+        """Tokens per forward pass when none are asked for (BATCH_TOKENS for this tagger's device)."""
+        return BATCH_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+
+    @property
     def window_frames(self) -> int:
         """Feature frames in one full window: the trained length (AST) or the longest native clip."""
         return self.config.max_frames
@@ -110,9 +117,11 @@ class AudioTagger:
         c = self.config
         return patchify(normalize(fit_frames(frames, c), c.mean, c.std), c)
 
-    def logits(self, clips: list[Clip], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
-        """Logits ``[len(clips), classes]`` (float32, CPU), packing clips into batches of ``batch_tokens``."""
+    def logits(self, clips: list[Clip], batch_tokens: int | None = None) -> torch.Tensor:
+        """Logits ``[len(clips), classes]`` (float32, CPU), packing clips into batches of ``batch_tokens``
+        (default: BATCH_TOKENS for the device)."""
         prefix = self.config.prefix_tokens
+        batch_tokens = batch_tokens or self.default_batch_tokens
         out = torch.empty(len(clips), self.config.num_classes)
         with torch.inference_mode():
             for idx in batch_clips([len(c) + prefix for c in clips], batch_tokens):
@@ -124,14 +133,14 @@ class AudioTagger:
         """Sigmoid for multi-label heads, softmax for single-label heads."""
         return logits.sigmoid() if self.config.multi_label else logits.softmax(-1)
 
-    def score_windows(self, windows: list[torch.Tensor], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+    def score_windows(self, windows: list[torch.Tensor], batch_tokens: int | None = None) -> torch.Tensor:
         """Probabilities ``[windows, classes]`` for raw fbank windows ``[frames, mel]``."""
         if not windows:
             return torch.empty(0, self.config.num_classes)
         return self.probabilities(self.logits([self.clip(w) for w in windows], batch_tokens))
 
     def predict(self, waveforms: list[torch.Tensor], sample_rate: int = 16000,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+                batch_tokens: int | None = None) -> torch.Tensor:
         """Probabilities ``[clips, classes]``, one row per waveform (1-D float tensors in [-1, 1])."""
         if sample_rate != self.sample_rate:
             from astcli.audio import resample
@@ -164,12 +173,12 @@ class EnsembleTagger:
             raise AttributeError(name)
         return getattr(self.members[0], name)
 
-    def score_windows(self, windows: list[torch.Tensor], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+    def score_windows(self, windows: list[torch.Tensor], batch_tokens: int | None = None) -> torch.Tensor:
         """Mean of the members' probabilities."""
         return torch.stack([m.score_windows(windows, batch_tokens) for m in self.members]).mean(0)
 
     def predict(self, waveforms: list[torch.Tensor], sample_rate: int = 16000,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+                batch_tokens: int | None = None) -> torch.Tensor:
         """Mean of the members' probabilities, one row per waveform."""
         return torch.stack([m.predict(waveforms, sample_rate, batch_tokens) for m in self.members]).mean(0)
 

@@ -23,7 +23,7 @@ import torch
 
 from astcli.export import OnnxTagger, export_onnx
 from astcli.model import AudioTransformer, ast_config, elastic_config
-from astcli.tagger import DEFAULT_BATCH_TOKENS, AudioTagger
+from astcli.tagger import BATCH_TOKENS, AudioTagger
 
 ELASTIC_SECONDS = (10.24, 8.0, 6.5, 5.0, 4.0, 3.2, 2.5, 1.6, 1.0)  # native lengths, 42 s of audio
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--opset", type=int, nargs="+", default=[18],
                         help="opsets to export float32 graphs at (int8 uses the first)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS["cpu"])
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "

@@ -121,12 +121,14 @@ def elastic_native_vs_padded(paths: list[str]) -> None:
 
 
 RSS_PROBE = (
-    "import resource, sys, torch, astcli; astcli.keep_freed_memory();"
+    "import sys, torch, astcli; astcli.keep_freed_memory();"
     "from astcli.tag import tag_files; from astcli.tagger import AudioTagger;"
     "from astcli.model import AudioTransformer, elastic_config; torch.manual_seed(0);"
     "t = AudioTagger(AudioTransformer(elastic_config('small', num_classes=527)));"
     "r = list(tag_files(t, [sys.argv[1]]));"
-    "print(r[0]['duration'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's after fork + exec)
+    "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+    "print(r[0]['duration'], hwm)"
 )
 
 
