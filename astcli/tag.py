@@ -110,7 +110,7 @@ def _reason(message: str, path: str) -> str:
     return message[len(path) + 2 :] if message.startswith(path + ": ") else message
 
 
-class Tagger:
+class Pipeline:
     """Runs the pipeline for one tagger and one set of options; ``run(paths)`` yields FileResults in order."""
 
     def __init__(self, tagger, options: TagOptions):
@@ -135,7 +135,7 @@ class Tagger:
             raise UsageError(f"--aggregate must be one of {', '.join(AGGREGATES)}")
         self.frame_seconds = hop_ms / 1000.0
 
-    # -- producer side: decode + features, in worker threads ---------------------------------------------
+    # -- producer side: decode + resample, in worker threads ---------------------------------------------
 
     def _produce(self, jobs: Iterator[tuple[int, str]], lock: threading.Lock, out: queue.Queue,
                  stop: threading.Event) -> None:
@@ -284,7 +284,7 @@ class Tagger:
 def tag_files(tagger, paths: list[str], options: TagOptions | None = None,
               on_audio: Callable[[float], None] | None = None) -> Iterator[dict]:
     """Records (dicts in the documented schema) for ``paths``, in order, one per path."""
-    pipeline = Tagger(tagger, options or TagOptions())
+    pipeline = Pipeline(tagger, options or TagOptions())
     with closing(pipeline.run(paths, on_audio)) as results:
         for result in results:
             yield pipeline.record(result)
