@@ -216,10 +216,6 @@ def _with_recipe_options(func):
     return func
 
 
-def _training_runtime(device: str | None, num_workers: int | None, progress: bool) -> dict:
-    return {"device": device, "num_workers": num_workers, "progress": True if progress else None}
-
-
 def _parse_folds(folds: str | None) -> list[int] | None:
     if folds is None or folds.strip().lower() == "all":
         return None
@@ -231,7 +227,34 @@ def _parse_folds(folds: str | None) -> list[int] | None:
         raise UsageError(f"--folds takes fold numbers like 1,2 (or all / none), not {folds!r}") from None
 
 
-def _report_training(result, command: str) -> None:
+def _parse_model_options(items: list[str] | None) -> dict:
+    """``--model-option KEY=VALUE`` pairs; values are JSON where they parse as JSON, else strings."""
+    import json
+
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--model-option takes KEY=VALUE, not {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _run_training(command: str, dataset, output, resume, device, num_workers, progress, start) -> None:
+    """The flow `train` and `finetune` share: resume a saved run or ``start(experiment, runtime)`` a new one,
+    then print the results table (or how to continue after an interruption)."""
+    from astcli.train import experiment
+
+    runtime = {"device": device, "num_workers": num_workers, "progress": True if progress else None}
+    if resume:
+        result = experiment.resume(resume, **runtime)
+    elif not dataset or not output:
+        raise UsageError(f"ast {command} needs --dataset and --output (or --resume DIR)")
+    else:
+        result = start(experiment, runtime)
     if result.interrupted:
         print(f"ast: interrupted: state saved in {result.out_dir}; continue with "
               f"`ast {command} --resume {result.out_dir}`", file=sys.stderr)
@@ -267,31 +290,25 @@ _TRAINING = {
 )
 @_with_recipe_options
 def finetune(
-    dataset: str = _TRAINING['dataset'],
-    data_dir: str = _TRAINING['data_dir'],
+    dataset: str = _TRAINING["dataset"],
+    data_dir: str = _TRAINING["data_dir"],
     model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
                               "or checkpoint (default: ast-audioset)."),
-    output: str = _TRAINING['output'],
-    resume: str = _TRAINING['resume'],
-    folds: str = _TRAINING['folds'],
-    seed: int = _TRAINING['seed'],
-    amp: str = _TRAINING['amp'],
-    device: str = _TRAINING['device'],
-    num_workers: int = _TRAINING['num_workers'],
-    progress: bool = _TRAINING['progress'],
+    output: str = _TRAINING["output"],
+    resume: str = _TRAINING["resume"],
+    folds: str = _TRAINING["folds"],
+    seed: int = _TRAINING["seed"],
+    amp: str = _TRAINING["amp"],
+    device: str = _TRAINING["device"],
+    num_workers: int = _TRAINING["num_workers"],
+    progress: bool = _TRAINING["progress"],
     **overrides,
 ) -> None:
-    from astcli.train import experiment
+    def start(experiment, runtime):
+        return experiment.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds),
+                                   seed=seed, amp=amp, **runtime, **overrides)
 
-    runtime = _training_runtime(device, num_workers, progress)
-    if resume:
-        result = experiment.resume(resume, **runtime)
-    else:
-        if not dataset or not output:
-            raise UsageError("ast finetune needs --dataset and --output (or --resume DIR)")
-        result = experiment.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds),
-                                     seed=seed, amp=amp, **runtime, **overrides)
-    _report_training(result, "finetune")
+    _run_training("finetune", dataset, output, resume, device, num_workers, progress, start)
 
 
 @app.command(
@@ -301,46 +318,30 @@ def finetune(
 )
 @_with_recipe_options
 def train(
-    dataset: str = _TRAINING['dataset'],
-    data_dir: str = _TRAINING['data_dir'],
+    dataset: str = _TRAINING["dataset"],
+    data_dir: str = _TRAINING["data_dir"],
     arch: str = typer.Option("ast", "--arch", help="ast or elastic."),
     size: str = typer.Option("base", "--size", help="tiny, small or base."),
     init: str = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
     model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
                                            "(e.g. depth=6), repeatable."),
-    output: str = _TRAINING['output'],
-    resume: str = _TRAINING['resume'],
-    folds: str = _TRAINING['folds'],
-    seed: int = _TRAINING['seed'],
-    amp: str = _TRAINING['amp'],
-    device: str = _TRAINING['device'],
-    num_workers: int = _TRAINING['num_workers'],
-    progress: bool = _TRAINING['progress'],
+    output: str = _TRAINING["output"],
+    resume: str = _TRAINING["resume"],
+    folds: str = _TRAINING["folds"],
+    seed: int = _TRAINING["seed"],
+    amp: str = _TRAINING["amp"],
+    device: str = _TRAINING["device"],
+    num_workers: int = _TRAINING["num_workers"],
+    progress: bool = _TRAINING["progress"],
     **overrides,
 ) -> None:
-    import json
+    def start(experiment, runtime):
+        options = _parse_model_options(model_option)
+        return experiment.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
+                                data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime,
+                                **overrides)
 
-    from astcli.train import experiment
-
-    runtime = _training_runtime(device, num_workers, progress)
-    if resume:
-        result = experiment.resume(resume, **runtime)
-    else:
-        if not dataset or not output:
-            raise UsageError("ast train needs --dataset and --output (or --resume DIR)")
-        options = {}
-        for item in model_option or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise UsageError(f"--model-option takes KEY=VALUE, not {item!r}")
-            try:
-                options[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key.strip()] = value
-        result = experiment.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
-                                  data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime,
-                                  **overrides)
-    _report_training(result, "train")
+    _run_training("train", dataset, output, resume, device, num_workers, progress, start)
 
 
 @app.command(
