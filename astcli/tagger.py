@@ -142,11 +142,15 @@ class AudioTagger:
     def predict(self, waveforms: list[torch.Tensor], sample_rate: int = 16000,
                 batch_tokens: int | None = None) -> torch.Tensor:
         """Probabilities ``[clips, classes]``, one row per waveform (1-D float tensors in [-1, 1])."""
+        return self.score_windows(self.clip_features(waveforms, sample_rate), batch_tokens)
+
+    def clip_features(self, waveforms: list[torch.Tensor], sample_rate: int = 16000) -> list[torch.Tensor]:
+        """Raw fbank ``[frames, mel]`` of each waveform, resampled to the model's rate first if needed."""
         if sample_rate != self.sample_rate:
             from astcli.audio import resample
 
             waveforms = [resample(w, sample_rate, self.sample_rate) for w in waveforms]
-        return self.score_windows([self.features(w) for w in waveforms], batch_tokens)
+        return [self.features(w) for w in waveforms]
 
     def save(self, directory: str | Path) -> Path:
         """Write this model in astcli's own format (config.json + model.safetensors)."""
@@ -179,8 +183,8 @@ class EnsembleTagger:
 
     def predict(self, waveforms: list[torch.Tensor], sample_rate: int = 16000,
                 batch_tokens: int | None = None) -> torch.Tensor:
-        """Mean of the members' probabilities, one row per waveform."""
-        return torch.stack([m.predict(waveforms, sample_rate, batch_tokens) for m in self.members]).mean(0)
+        """Mean of the members' probabilities, one row per waveform (features computed once: members share them)."""
+        return self.score_windows(self.members[0].clip_features(waveforms, sample_rate), batch_tokens)
 
 
 def load_model(source: str | Path = DEFAULT_MODEL, *, labels=None, device=None, dtype=None,
