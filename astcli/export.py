@@ -65,14 +65,10 @@ def _scores(logits: torch.Tensor, multi_label: bool) -> tuple[torch.Tensor, torc
 
 
 def _forward(model: nn.Module, batch: PackedBatch, mask: torch.Tensor | None):
-    """``AudioTransformer.forward`` from its parts, with the attention mask given: an additive float mask
+    """``AudioTransformer.forward`` with the attention mask given: an additive float mask
     (0 / -inf) spares ONNX Runtime the per-layer Where/IsNaN that a boolean mask turns into; ``None``
     when every row is one clip. Verification compares the result with the real ``forward``."""
-    x = model.embed(batch)
-    for block in model.blocks:
-        x = block(x, mask)
-    pooled = model.pool_clips(model.norm(x), batch)
-    return _scores(model.head(model.head_norm(pooled)), model.config.multi_label)
+    return _scores(model.classify(batch, mask), model.config.multi_label)
 
 
 def additive_mask(clip_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

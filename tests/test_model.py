@@ -19,6 +19,7 @@ from astcli.model import (
     load_checkpoint,
     pack_clips,
     patchify,
+    transformer,
 )
 from astcli.model.packing import CLS, DIST, PAD, PATCH
 from astcli.tagger import AudioTagger, build_model, load_model
@@ -147,6 +148,55 @@ def test_equal_length_rows_need_no_mask():
     assert not pack_clips(clips, 2, row_tokens=10_000).one_clip_per_row
     assert not pack_clips([*clips[:2], patchify(raw_fbank(100, 5) / 9, model.config)], 2).one_clip_per_row
 
+
+
+def full_forward(model: AudioTransformer, batch) -> torch.Tensor:
+    """Logits the plain way: every block over every token, then the mean of each clip's CLS/DIST states."""
+    mask = model.attention_mask(batch)
+    x = model.embed(batch)
+    for block in model.blocks:
+        x = block(x, mask)
+    states = model.norm(x)
+    kinds = (CLS,) if model.config.pooling == "cls" else (CLS, DIST)
+    pooled = []
+    for clip in range(batch.num_clips):
+        chosen = (batch.clip_ids == clip) & torch.isin(batch.token_kind, torch.tensor(kinds))
+        pooled.append(states[chosen].mean(0))
+    return model.head(model.head_norm(torch.stack(pooled)))
+
+
+@pytest.mark.parametrize("kind", ["ast", "ast-cls"])
+def test_last_block_computes_only_pooled_tokens(kind):
+    """CLS pooling reads a few tokens, so the last block computes only those: same logits as all tokens."""
+    model = tiny_model(kind)
+    config = model.config
+    clips = [patchify(raw_fbank(n, i) / 9, config) for i, n in enumerate((200, 48, 120, 16, 160))]
+    with torch.inference_mode():
+        for batch in (pack_clips(clips[:1] * 3, config.prefix_tokens),  # one clip per row: prefix slice
+                      pack_clips(clips, config.prefix_tokens, 600)):  # shared rows: gathered tokens
+            expected = full_forward(model, batch)
+            assert expected.std() > 0.1
+            torch.testing.assert_close(model(batch), expected, atol=1e-5, rtol=0)
+    # Training (autograd) takes the same path: the loss gradient reaches every block.
+    batch = pack_clips(clips, config.prefix_tokens, 600)
+    model(batch).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks[0].parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linear_matches_training_linear(dtype):
+    """Inference takes oneDNN's linear where it can; it agrees with F.linear (what autograd uses)."""
+    model = tiny_model("ast").to(dtype)
+    clips = [patchify(raw_fbank(n, i) / 9, model.config) for i, n in enumerate((200, 64))]
+    batch = pack_clips(clips, model.config.prefix_tokens)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fast = model(batch).float()
+    with torch.enable_grad():
+        plain = model(batch).float()
+    if transformer._ONEDNN:
+        assert any("linear_pointwise" in e.name for e in prof.events())
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
+    torch.testing.assert_close(fast, plain.detach(), atol=tolerance, rtol=0)
 
 # -- packing primitives ---------------------------------------------------------------------------------
 

@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from astcli.model.config import ModelConfig
 from astcli.model.packing import CLS, DIST, PAD, PATCH, PackedBatch
+
+# oneDNN's linear runs 1.3-1.4x faster than the default (MKL) float32 GEMM on the x86-64 CPUs measured
+# (docs/benchmarks.md) and gives the same float32 results to rounding; it serves inference only.
+_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``; on CPU without autograd (inference) through oneDNN where it is available."""
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and not torch.is_grad_enabled()
+            and not _tracing()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose inference takes ``linear``'s fast path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+Readout = int | torch.Tensor | None
+"""Which tokens a block must output: all (``None``), the first ``n`` of every row (an int), or
+``[rows, n]`` positions. Only pooled tokens leave the last block, so it computes just their queries
+and MLP; keys and values still come from every token, so their values are the full computation's."""
+
+
+def take(x: torch.Tensor, readout: Readout) -> torch.Tensor:
+    """The rows' tokens named by ``readout`` (``[rows, n, ...]``), or ``x`` itself for ``None``."""
+    if readout is None:
+        return x
+    if isinstance(readout, int):
+        return x[:, :readout].contiguous()
+    index = readout.view(*readout.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 class Attention(nn.Module):
@@ -17,14 +55,24 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.scale = None if scale else 1.0
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=bias)
+        self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, readout: Readout = None) -> torch.Tensor:
         rows, length, dim = x.shape
-        qkv = self.qkv(x).view(rows, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(rows, length, dim))
+        heads = (self.heads, dim // self.heads)
+        if readout is None:
+            q, k, v = self.qkv(x).view(rows, length, 3, *heads).permute(2, 0, 3, 1, 4)
+        else:  # queries of the read-out tokens only; keys and values of all
+            w, b = self.qkv.weight, self.qkv.bias
+            queries = take(x, readout)
+            q = linear(queries, w[:dim], None if b is None else b[:dim]).view(rows, -1, *heads).transpose(1, 2)
+            kv = linear(x, w[dim:], None if b is None else b[dim:])
+            k, v = kv.view(rows, length, 2, *heads).permute(2, 0, 3, 1, 4)
+            if mask is not None:
+                mask = take(mask.transpose(1, 2), readout).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(rows, -1, dim))
 
 
 class Block(nn.Module):
@@ -36,11 +84,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, config.heads, config.qkv_bias, config.attn_scale)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, config.mlp_dim)
-        self.fc2 = nn.Linear(config.mlp_dim, dim)
+        self.fc1 = Linear(dim, config.mlp_dim)
+        self.fc2 = Linear(config.mlp_dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, readout: Readout = None) -> torch.Tensor:
+        """Token states ``[rows, length, dim]``, or ``[rows, n, dim]`` for the ``readout`` tokens."""
+        x = take(x, readout) + self.attn(self.norm1(x), mask, readout)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -53,9 +102,9 @@ class AttentionPool(nn.Module):
         self.heads = config.heads
         self.scale = 1.0 if not config.attn_scale else (dim // config.heads) ** -0.5
         self.query = nn.Parameter(torch.zeros(dim))
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
         """``tokens [n, dim]``, ``member [clips, n]`` (True where token belongs to clip) -> ``[clips, dim]``."""
@@ -79,7 +128,7 @@ class AudioTransformer(nn.Module):
         super().__init__()
         self.config = config
         dim, p = config.dim, config.patch_size
-        self.patch_embed = nn.Linear(p * p, dim)
+        self.patch_embed = Linear(p * p, dim)
         if config.family == "ast":
             self.pos_grid = nn.Parameter(torch.zeros(config.grid_freq, config.grid_time, dim))
         else:
@@ -93,7 +142,7 @@ class AudioTransformer(nn.Module):
         if config.pooling == "attention":
             self.pool = AttentionPool(config)
         self.head_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.head = nn.Linear(dim, config.num_classes)
+        self.head = Linear(dim, config.num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,7 +167,7 @@ class AudioTransformer(nn.Module):
         if multi_label is not None:
             c.multi_label = multi_label
         weight = self.head.weight
-        self.head = nn.Linear(c.dim, num_classes, device=weight.device, dtype=weight.dtype)
+        self.head = Linear(c.dim, num_classes, device=weight.device, dtype=weight.dtype)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -149,32 +198,57 @@ class AudioTransformer(nn.Module):
             x = torch.where((kind == PATCH).unsqueeze(-1), x, prefix[(kind - 1).clamp(min=0)])
         return x
 
-    def encode(self, batch: PackedBatch) -> torch.Tensor:
-        """Final-norm token states ``[rows, length, dim]`` under block-diagonal attention."""
-        x = self.embed(batch)
+    def attention_mask(self, batch: PackedBatch) -> torch.Tensor | None:
+        """Block-diagonal boolean mask ``[rows, 1, length, length]``; ``None`` when every row is one clip."""
+        if not _tracing() and batch.one_clip_per_row:
+            return None
         ids = batch.clip_ids
-        mask = None
-        if _tracing() or not batch.one_clip_per_row:
-            mask = (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x)
+        return (ids.unsqueeze(2) == ids.unsqueeze(1)).unsqueeze(1)
 
-    def pool_clips(self, states: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """One vector per clip ``[num_clips, dim]``, in clip-id order."""
-        tokens = states.reshape(-1, states.shape[-1])
-        ids, kind = batch.clip_ids.reshape(-1), batch.token_kind.reshape(-1)
+    def classify(self, batch: PackedBatch, mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``[num_clips, num_classes]`` under ``mask`` (boolean or additive; ``None``: one clip per row)."""
+        x = self.embed(batch)
+        readout, ids = self._readout(batch, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, readout if i == len(self.blocks) - 1 else None)
+        tokens, ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
         member = ids.unsqueeze(0) == torch.arange(batch.num_clips, device=ids.device).unsqueeze(1)
+        tokens = self.norm(tokens)
+        if self.config.pooling == "attention":
+            pooled = self.pool(tokens, member)
+        else:
+            weights = member.to(tokens.dtype)
+            pooled = (weights @ tokens) / weights.sum(1, keepdim=True)
+        return self.head(self.head_norm(pooled))
+
+    def _readout(self, batch: PackedBatch, mask: torch.Tensor | None) -> tuple[Readout, torch.Tensor]:
+        """The tokens the pooling reads, and their clip ids as the last block outputs them (``PAD``: skip).
+
+        Attention pooling reads every token of a clip, mean pooling every patch; CLS pooling reads the
+        prefix tokens, which lead every row when each row is one clip, and are gathered otherwise (padded
+        with a skipped slot).
+        """
+        ids, kind = batch.clip_ids, batch.token_kind
         pooling = self.config.pooling
         if pooling == "attention":
-            return self.pool(tokens, member & (ids != PAD).unsqueeze(0))
-        chosen = {"cls_dist": (kind == CLS) | (kind == DIST), "cls": kind == CLS, "mean": kind == PATCH}[pooling]
-        weights = (member & chosen.unsqueeze(0)).to(tokens.dtype)
-        return (weights @ tokens) / weights.sum(1, keepdim=True)
+            return None, ids
+        if pooling == "mean":
+            return None, torch.where(kind == PATCH, ids, PAD)
+        read = kind == CLS if pooling == "cls" else (kind == CLS) | (kind == DIST)
+        ids = torch.where(read, ids, PAD)
+        if mask is None:
+            readout = 1 if pooling == "cls" else self.config.prefix_tokens
+            return readout, take(ids, readout)
+        if _tracing():
+            return None, ids
+        counts = read.sum(1)
+        positions = torch.sort((~read).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
+        slots = torch.arange(positions.shape[1], device=ids.device)
+        readout = torch.where(slots < counts.unsqueeze(1), positions, 0)
+        return readout, torch.where(slots < counts.unsqueeze(1), ids.gather(1, readout), PAD)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        pooled = self.pool_clips(self.encode(batch), batch)
-        return self.head(self.head_norm(pooled))
+        return self.classify(batch, self.attention_mask(batch))
 
 
 def _tracing() -> bool:
