@@ -54,7 +54,8 @@ def checked_hop(config: ModelConfig, hop_ms: float | None, name: str) -> float:
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> AudioTransformer:
     """An ``AudioTransformer`` holding ``state``; any missing, unexpected or mis-shaped tensor is a ModelError."""
-    model = AudioTransformer(config)
+    with torch.device("meta"):  # no storage and no random initialisation: ``state`` replaces every tensor
+        model = AudioTransformer(config)
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))
@@ -66,7 +67,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], origin: str
             if problem == "has mis-shaped":
                 detail = f" {tuple(state[keys[0]].shape)} vs {tuple(ours[keys[0]].shape)}"
             raise ModelError(f"{origin} {problem} tensor {keys[0]}{detail}{more}")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
     return model.eval()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import ast_window, hf_logits, make_hf_ast, perturb_, save_hf_ast
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,6 +198,18 @@ def test_inference_linear_matches_training_linear(dtype):
         assert any("linear_pointwise" in e.name for e in prof.events())
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
     torch.testing.assert_close(fast, plain.detach(), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_attention_by_head_matches_sdpa(scale):
+    """The bfloat16 CPU attention (one 2-D product per head) against float32 SDPA on the same inputs."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 50, 16, generator=gen).bfloat16() for _ in range(3))
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    got = transformer.attention_by_head(q, k, v, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=0)
+    assert (got.float() - expected).abs().mean() < 3e-3
 
 # -- packing primitives ---------------------------------------------------------------------------------
 

@@ -17,12 +17,33 @@ _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _cpu_inference(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Whether ``x`` is a CPU tensor of one of ``dtypes`` in eager inference (no autograd, no tracing)."""
+    return x.device.type == "cpu" and x.dtype in dtypes and not torch.is_grad_enabled() and not _tracing()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``; on CPU without autograd (inference) through oneDNN where it is available."""
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and not torch.is_grad_enabled()
-            and not _tracing()):
+    if _ONEDNN and _cpu_inference(x, *_ONEDNN_DTYPES):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Unmasked attention ``[rows, heads, length, d_head]`` one (row, head) at a time, as three 2-D ops.
+
+    For bfloat16 on CPU: the flash kernel runs its products at float32 speed there, while plain
+    bfloat16 matrix products run at the bfloat16 rate; per head the score matrix stays small enough
+    to live in cache. 1.7x the flash kernel for AST windows (docs/benchmarks.md).
+    """
+    q = (q * (q.shape[-1] ** -0.5 if scale is None else scale)).contiguous()
+    k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    for row in range(q.shape[0]):
+        for head in range(q.shape[1]):
+            scores = torch.mm(q[row, head], k[row, head].t())
+            torch.mm(scores.softmax(-1), v[row, head], out=out[row, head])
+    return out
 
 
 class Linear(nn.Linear):
@@ -71,7 +92,10 @@ class Attention(nn.Module):
             k, v = kv.view(rows, length, 2, *heads).permute(2, 0, 3, 1, 4)
             if mask is not None:
                 mask = take(mask.transpose(1, 2), readout).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if mask is None and _cpu_inference(q, torch.bfloat16):
+            out = attention_by_head(q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(rows, -1, dim))
 
 
