@@ -34,10 +34,13 @@ def attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     For bfloat16 on CPU: the flash kernel runs its products at float32 speed there, while plain
     bfloat16 matrix products run at the bfloat16 rate; per head the score matrix stays small enough
-    to live in cache. 1.7x the flash kernel for AST windows (docs/benchmarks.md).
+    to live in cache. 1.7x the flash kernel for AST windows (docs/benchmarks.md). The scores are
+    rounded to bfloat16 (the flash kernel keeps them in float32), so the keys are centred first: that
+    shifts each query's scores by a constant, which softmax ignores, and keeps them small.
     """
     q = (q * (q.shape[-1] ** -0.5 if scale is None else scale)).contiguous()
-    k, v = k.contiguous(), v.contiguous()
+    k = (k.float() - k.float().mean(-2, keepdim=True)).to(k.dtype)
+    v = v.contiguous()
     out = torch.empty_like(q)
     for row in range(q.shape[0]):
         for head in range(q.shape[1]):
