@@ -84,7 +84,7 @@ def tag(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Tokens per packed forward pass "
-                                     "(default: 4096 on CPU, 16384 on CUDA)."),
+                                     "(default: 2048 on CPU, 16384 on CUDA)."),
     workers: int = typer.Option(1, "--workers", help="Threads decoding audio while the model runs."),
     progress: bool = typer.Option(False, "--progress", help="Show a progress bar even when stderr is not a terminal."),
     list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),

@@ -171,7 +171,7 @@ class Pipeline:
     def run(self, paths: list[str], on_window_batch: Callable[[float], None] | None = None) -> Iterator[FileResult]:
         """FileResults in the order of ``paths``; ``on_window_batch(audio_seconds)`` reports scored audio."""
         opts = self.options
-        items: queue.Queue = queue.Queue(maxsize=32)
+        items: queue.Queue = queue.Queue(maxsize=8)
         stop = threading.Event()
         lock = threading.Lock()
         jobs = iter(enumerate(paths))

@@ -14,9 +14,9 @@ from astcli.model.packing import Clip, batch_clips, fit_frames, pack_clips, patc
 from astcli.model.presets import DEFAULT_MODEL, get_preset
 from astcli.model.transformer import AudioTransformer
 
-# Tokens per packed forward pass: on CPU a few AST windows already make large matrix products (bigger
+# Tokens per packed forward pass: on CPU one AST window (1214 tokens) already makes large matrix products (bigger
 # batches only cost memory, docs/benchmarks.md); a GPU wants more work per launch.
-BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

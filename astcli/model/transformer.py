@@ -38,15 +38,15 @@ def attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     rounded to bfloat16 (the flash kernel keeps them in float32), so the keys are centred first: that
     shifts each query's scores by a constant, which softmax ignores, and keeps them small.
     """
-    q = (q * (q.shape[-1] ** -0.5 if scale is None else scale)).contiguous()
-    k = (k.float() - k.float().mean(-2, keepdim=True)).to(k.dtype)
-    v = v.contiguous()
-    out = torch.empty_like(q)
-    for row in range(q.shape[0]):
-        for head in range(q.shape[1]):
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    k = k - k.mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)  # any shared shift leaves softmax exact
+    rows, heads, length, _ = q.shape
+    out = q.new_empty(rows, length, heads, q.shape[-1])  # the layout the output projection reads
+    for row in range(rows):
+        for head in range(heads):
             scores = torch.mm(q[row, head], k[row, head].t())
-            torch.mm(scores.softmax(-1), v[row, head], out=out[row, head])
-    return out
+            torch.mm(scores.softmax(-1), v[row, head], out=out[row, :, head])
+    return out.transpose(1, 2)
 
 
 class Linear(nn.Linear):
