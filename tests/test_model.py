@@ -198,6 +198,9 @@ def test_inference_linear_matches_training_linear(dtype):
         assert any("linear_pointwise" in e.name for e in prof.events())
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
     torch.testing.assert_close(fast, plain.detach(), atol=tolerance, rtol=0)
+    # Evaluation under autocast (the training loop's validation) keeps autocast's dtype rules.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.float()(batch).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("offset", [0.0, 4.0])

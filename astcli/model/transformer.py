@@ -18,13 +18,15 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_inference(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
-    """Whether ``x`` is a CPU tensor of one of ``dtypes`` in eager inference (no autograd, no tracing)."""
-    return x.device.type == "cpu" and x.dtype in dtypes and not torch.is_grad_enabled() and not _tracing()
+    """Whether ``x`` is a CPU tensor of one of ``dtypes`` in eager inference (no autograd, autocast or
+    tracing: those keep the standard ops)."""
+    return (x.device.type == "cpu" and x.dtype in dtypes and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not _tracing())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``; on CPU without autograd (inference) through oneDNN where it is available."""
-    if _ONEDNN and _cpu_inference(x, *_ONEDNN_DTYPES):
+    if _ONEDNN and _cpu_inference(x, *_ONEDNN_DTYPES) and weight.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
