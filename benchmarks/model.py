@@ -6,8 +6,9 @@
     python benchmarks/model.py --threads 1 --clock cpu   # per-core numbers, robust on a busy machine
     python benchmarks/model.py --keep-memory             # glibc keeps freed memory (see keep_freed_memory)
 
-Prints (a) the fp32 / bf16 matmul peak (square torch.matmul, best of N), (b) AST-Base fp32 forward time,
-its analytic FLOP count, achieved GFLOP/s and fraction of the fp32 peak, (c) the same in bfloat16, and
+Prints (a) the fp32 / bf16 matmul peak (square products, torch.matmul or oneDNN, best of N), (b) AST-Base
+fp32 forward time, its analytic FLOP count, achieved GFLOP/s and fraction of the fp32 peak, (c) the same in
+bfloat16, and
 (d) ElasticAST-Base on mixed-length clips at native length vs the same clips padded to 10 s.
 Random weights: speed does not depend on their values. Not part of the test run.
 """
@@ -25,6 +26,7 @@ import astcli
 from astcli.model import AudioTransformer, ast_config, elastic_config, fit_frames, pack_clips, patchify
 from astcli.model.config import ModelConfig
 from astcli.model.packing import PAD, PackedBatch
+from astcli.model.transformer import linear
 
 CLOCK = time.perf_counter  # or time.process_time (--clock cpu): CPU seconds of this process, all threads
 
@@ -42,19 +44,24 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> float:
-    """GFLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` (2 n^3 FLOPs), best of ``repeats``."""
+    """GFLOP/s of an ``n x n @ n x n`` product in ``dtype`` (2 n^3 FLOPs), best of ``repeats``, the better of
+    ``torch.matmul`` and the model's own inference ``linear`` (oneDNN on x86-64)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
-    seconds = best_time(lambda: torch.matmul(a, b, out=out), repeats, warmup=2)
+    with torch.inference_mode():
+        seconds = min(best_time(lambda: torch.matmul(a, b, out=out), repeats, warmup=2),
+                      best_time(lambda: linear(a, b, None), repeats, warmup=2))
     return 2 * n**3 / seconds / 1e9
 
 
 def forward_flops(config: ModelConfig, batch: PackedBatch) -> float:
     """Analytic FLOPs (2 per multiply-add) of one forward over ``batch``: every linear layer on every token
     of every row (padding included: it is computed), attention matmuls over each full row (QK^T and AV),
-    attention pooling and the head. LayerNorm, GELU, softmax and additions are left out (O(n d))."""
+    attention pooling and the head; for CLS pooling the last block's keys and values on every token and the
+    rest on the pooled tokens only (what the model computes). LayerNorm, GELU, softmax and additions are
+    left out (O(n d))."""
     rows, length = batch.clip_ids.shape
     d, m, p2 = config.dim, config.mlp_dim, config.patch_size**2
     tokens = rows * length
@@ -62,6 +69,10 @@ def forward_flops(config: ModelConfig, batch: PackedBatch) -> float:
     attention_layer = rows * 2 * 2 * length * length * d  # QK^T and AV over the row
     patches = int((batch.token_kind == 0).logical_and(batch.clip_ids != PAD).sum())
     total = config.depth * (tokens * per_token_layer + attention_layer) + patches * 2 * p2 * d
+    if config.pooling in ("cls", "cls_dist"):  # the last block computes queries onwards for the pooled tokens
+        read = rows * (1 if config.pooling == "cls" else config.prefix_tokens)
+        last = tokens * 2 * d * 2 * d + read * 2 * d * (d + d + 2 * m) + read * 2 * 2 * length * d
+        total += last - (tokens * per_token_layer + attention_layer)
     if config.pooling == "attention":
         total += tokens * 2 * d * 2 * d + batch.num_clips * (2 * 2 * d * tokens + 2 * d * d)
     total += batch.num_clips * 2 * d * config.num_classes
