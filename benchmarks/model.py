@@ -9,7 +9,8 @@
 Prints (a) the fp32 / bf16 matmul peak (square products, torch.matmul or oneDNN, best of N), (b) AST-Base
 fp32 forward time, its analytic FLOP count, achieved GFLOP/s and fraction of the fp32 peak, (c) the same in
 bfloat16, and
-(d) ElasticAST-Base on mixed-length clips at native length vs the same clips padded to 10 s.
+(d) ElasticAST-Base on mixed-length clips at native length vs the same clips padded to 10 s, and (e) the
+CPU kernels inference picks (oneDNN linear, bf16 attention per head) against PyTorch's defaults.
 Random weights: speed does not depend on their values. Not part of the test run.
 """
 
@@ -26,7 +27,7 @@ import astcli
 from astcli.model import AudioTransformer, ast_config, elastic_config, fit_frames, pack_clips, patchify
 from astcli.model.config import ModelConfig
 from astcli.model.packing import PAD, PackedBatch
-from astcli.model.transformer import linear
+from astcli.model.transformer import attention_by_head, linear
 
 CLOCK = time.perf_counter  # or time.process_time (--clock cpu): CPU seconds of this process, all threads
 
@@ -186,6 +187,39 @@ def main() -> None:
     (tn, tt), (pn, pt) = results.values()
     print(f"ElasticAST native vs padded: {tn / pn:.2f}x the tokens, {tt / pt:.2f}x the time "
           f"({pt / tt:.2f}x faster)")
+
+    # (e) the two CPU kernels the model picks for inference, against PyTorch's defaults, on AST's shapes
+    components(config, frames, args.repeats)
+
+
+def components(config: ModelConfig, frames: int, repeats: int) -> None:
+    """F.linear vs the model's inference ``linear`` on one window's layer shapes, and SDPA vs
+    ``attention_by_head`` in bfloat16 on one window's heads."""
+    tokens = config.tokens(frames)
+    d, m = config.dim, config.mlp_dim
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            flops, default, ours = 0.0, 0.0, 0.0
+            for n_in, n_out in ((d, 3 * d), (d, d), (d, m), (m, d)):  # qkv, proj, fc1, fc2
+                x = torch.randn(tokens, n_in, generator=gen).to(dtype)
+                w = (0.02 * torch.randn(n_out, n_in, generator=gen)).to(dtype)
+                b = torch.zeros(n_out, dtype=dtype)
+                flops += 2 * tokens * n_in * n_out
+                args = (x, w, b)
+                default += best_time(lambda a=args: torch.nn.functional.linear(*a), repeats, warmup=2)
+                ours += best_time(lambda a=args: linear(*a), repeats, warmup=2)
+            print(f"one block's linear layers, {tokens} tokens, {str(dtype)[6:]}: F.linear "
+                  f"{flops / default / 1e9:.0f} GFLOP/s, astcli linear {flops / ours / 1e9:.0f} GFLOP/s "
+                  f"({default / ours:.2f}x)")
+        heads = config.heads
+        q, k, v = (torch.randn(1, tokens, heads, d // heads, generator=gen).bfloat16().transpose(1, 2)
+                   for _ in range(3))
+        sdpa = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats, warmup=2)
+        by_head = best_time(lambda: attention_by_head(q, k, v, None), repeats, warmup=2)
+        flops = 4 * tokens * tokens * d
+        print(f"one block's attention, {tokens} tokens, bfloat16: SDPA {flops / sdpa / 1e9:.0f} GFLOP/s, "
+              f"attention_by_head {flops / by_head / 1e9:.0f} GFLOP/s ({sdpa / by_head:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Tagging speed of `ast tag` against transformers' audio-classification pipeline, measured in one run.
 
-    python benchmarks/tag.py [--files 32] [--skip-rss]
+    python benchmarks/tag.py [--files 32] [--rounds 1] [--skip-rss]
 
-1. AST-Base (random weights, transformers format) over a generated corpus of mixed-length clips (1-10 s):
+1. AST-Base (random weights, transformers format) over a generated corpus of mixed-length clips (1-10 s,
+   32 files: about three minutes of audio):
    transformers `pipeline("audio-classification")` file by file vs astcli's pipeline (packed batches,
    decoding in a worker thread), float32 and bfloat16, with the score deviation against transformers.
 2. ElasticAST-Base at native length vs the same clips padded to 10.24 s: tokens and time.
-3. Peak RSS of tagging a 1-hour file vs a 10-second file (small ElasticAST, separate processes).
+3. Peak RSS of tagging a 1-hour file vs a 10-second file (small ElasticAST, separate processes), and
+   time and peak RSS of a 10-minute file at several --batch-tokens.
 """
 
 from __future__ import annotations
@@ -121,33 +123,49 @@ def elastic_native_vs_padded(paths: list[str]) -> None:
 
 
 RSS_PROBE = (
-    "import sys, torch, astcli; astcli.keep_freed_memory();"
-    "from astcli.tag import tag_files; from astcli.tagger import AudioTagger;"
+    "import sys, time, torch, astcli; astcli.keep_freed_memory();"
+    "from astcli.tag import TagOptions, tag_files; from astcli.tagger import AudioTagger;"
     "from astcli.model import AudioTransformer, elastic_config; torch.manual_seed(0);"
     "t = AudioTagger(AudioTransformer(elastic_config('small', num_classes=527)));"
-    "r = list(tag_files(t, [sys.argv[1]]));"
+    "start = time.perf_counter();"
+    "r = list(tag_files(t, [sys.argv[1]], TagOptions(batch_tokens=int(sys.argv[2]) or None)));"
+    "seconds = time.perf_counter() - start;"
     # VmHWM: this process's own peak (ru_maxrss would carry over the parent's after fork + exec)
     "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
-    "print(r[0]['duration'], hwm)"
+    "print(r[0]['duration'], hwm, seconds)"
 )
 
 
+def probe(path: Path, batch_tokens: int = 0) -> tuple[float, float, float]:
+    """(audio seconds, peak RSS in MiB, tagging seconds) of a fresh process tagging ``path``."""
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), str(batch_tokens)],
+                         capture_output=True, text=True, check=True)
+    duration, rss_kb, seconds = out.stdout.split()
+    return float(duration), int(rss_kb) / 1024, float(seconds)
+
+
+def noise_file(path: Path, seconds: int, rng: np.random.Generator) -> Path:
+    """``seconds`` of 16 kHz noise, written a minute at a time."""
+    with sf.SoundFile(path, "w", 16000, 1, "PCM_16") as f:
+        for start in range(0, seconds, 60):
+            f.write((0.1 * rng.standard_normal(16000 * min(60, seconds - start))).astype(np.float32))
+    return path
+
+
 def peak_rss(folder: Path) -> None:
+    """Peak RSS of a 1-hour vs a 10-second file (small ElasticAST, default batch), then the batch size's
+    effect on a 10-minute file's time and memory."""
     rng = np.random.default_rng(0)
-    hour, ten = folder / "hour.wav", folder / "ten.wav"
-    with sf.SoundFile(hour, "w", 16000, 1, "PCM_16") as f:
-        for _ in range(60):
-            f.write((0.1 * rng.standard_normal(16000 * 60)).astype(np.float32))
-    sf.write(ten, (0.1 * rng.standard_normal(160000)).astype(np.float32), 16000)
+    files = {"10 s": noise_file(folder / "ten.wav", 10, rng), "1 hour": noise_file(folder / "hour.wav", 3600, rng)}
     peaks = {}
-    for name, path in (("10 s", ten), ("1 hour", hour)):
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, check=True)
-        duration, rss_kb = out.stdout.split()
-        peaks[name] = int(rss_kb) / 1024
-        print(f"  {name:7} file ({float(duration):7.1f} s audio): peak RSS {peaks[name]:7.1f} MiB, "
-              f"{time.perf_counter() - start:6.1f} s wall")
+    for name, path in files.items():
+        duration, peaks[name], seconds = probe(path)
+        print(f"  {name:7} file ({duration:7.1f} s audio): peak RSS {peaks[name]:7.1f} MiB, {seconds:6.1f} s tagging")
     print(f"  ratio 1 hour / 10 s: {peaks['1 hour'] / peaks['10 s']:.2f}x (target <= 1.3x)")
+    minutes = noise_file(folder / "ten-minutes.wav", 600, rng)
+    for tokens in (1024, 2048, 4096, 8192):
+        _, peak, seconds = probe(minutes, tokens)
+        print(f"  10-minute file, --batch-tokens {tokens:5d}: {seconds:6.1f} s tagging, peak RSS {peak:7.1f} MiB")
 
 
 GLIBC_RUN = "transformers + ast's glibc setting"
