@@ -41,6 +41,14 @@ def raw_fbank(frames: int, seed: int, mel: int = 128) -> torch.Tensor:
     return torch.randn(frames, mel, generator=gen) * 4.0 - 4.0
 
 
+def assert_distinct_parameters(model: torch.nn.Module) -> None:
+    """The loader assigns checkpoint tensors to parameters: no two may share memory (training updates them
+    in place) and none may be left on the meta device it builds the model on."""
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" for p in params)
+    assert len({p.data_ptr() for p in params}) == len(params)
+
+
 def one_line_error(excinfo) -> str:
     """The message of a raised ModelError, checked to be one line."""
     message = str(excinfo.value)
@@ -59,6 +67,7 @@ def test_original_ast_pth_matches_transformers(tmp_path):
     torch.save(hf_to_original_ast(hf_saved_state(hf)), path)
     names = write_labels_csv(tmp_path / "labels.csv", 7)
     tagger = load_model(path, labels=tmp_path / "labels.csv")
+    assert_distinct_parameters(tagger.model)
     c = tagger.config
     assert (c.family, c.dim, c.heads, c.depth, c.mlp_dim) == ("ast", 128, 2, 2, 256)
     assert (c.freq_stride, c.time_stride, c.max_frames, c.layer_norm_eps) == (10, 10, 128, 1e-6)
@@ -140,6 +149,7 @@ def test_elastic_pth_matches_reference(tmp_path):
     torch.save(state, path)
     names = write_labels_csv(tmp_path / "labels.csv", 6)
     tagger = load_model(path, labels=tmp_path / "labels.csv")
+    assert_distinct_parameters(tagger.model)
     c = tagger.config
     assert (c.family, c.dim, c.heads, c.depth, c.max_frames, c.attn_scale) == ("elastic", 128, 2, 2, 384, False)
     assert (c.mean, c.std, c.layer_norm_eps) == (ELASTIC_MEAN, ELASTIC_STD, 1e-6)
@@ -160,6 +170,7 @@ def test_elastic_own_format_round_trip(tmp_path):
     tagger = load_model(path, labels=["a", "b", "c", "d"])
     saved = tagger.save(tmp_path / "own")
     again = load_model(saved)
+    assert_distinct_parameters(again.model)
     assert again.config == tagger.config
     windows = [raw_fbank(n, seed) for seed, n in enumerate((40, 100, 160))]
     assert torch.equal(again.score_windows(windows), tagger.score_windows(windows))
@@ -178,11 +189,13 @@ def hf_dir(tmp_path_factory):
 def test_own_format_round_trip(hf_dir, tmp_path):
     _, directory = hf_dir
     tagger = load_model(directory)
+    assert_distinct_parameters(tagger.model)
     saved = tagger.save(tmp_path / "own")
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((saved / "config.json").read_text())
     assert meta["format"] == "astcli-model" and meta["labels"] == tagger.labels
     again = load_model(saved)
+    assert_distinct_parameters(again.model)
     assert again.config == tagger.config
     windows = [raw_fbank(n, seed) for seed, n in enumerate((70, 200, 300))]
     assert torch.equal(again.score_windows(windows), tagger.score_windows(windows))
