@@ -101,6 +101,21 @@ def test_bf16_close_to_fp32(hf_model_dir):
     assert (bf16 - fp32).abs().max() <= 2e-2
 
 
+
+@pytest.mark.parametrize("kind", ["elastic", "ast-cls"])
+def test_bf16_close_to_fp32_packed(kind):
+    """bf16 through both attention paths: shared rows (masked SDPA) and one-clip rows (per head)."""
+    model = tiny_model(kind)
+    config = model.config
+    lengths = (400, 48, 333, 160, 64) if kind == "elastic" else (200, 120, 48)
+    clips = [patchify(fit_frames(raw_fbank(n, i), config) if kind == "elastic" else raw_fbank(n, i) / 9, config)
+             for i, n in enumerate(lengths)]
+    fp32 = AudioTagger(model, device="cpu").logits(clips).softmax(-1)
+    bf16_tagger = AudioTagger(tiny_model(kind), device="cpu", dtype="bfloat16")
+    for budget in (1, 10**6):  # one clip per forward, then everything in one packed batch
+        bf16 = bf16_tagger.logits(clips, batch_tokens=budget).softmax(-1)
+        assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() <= 2e-2
+
 # -- packing invariance ---------------------------------------------------------------------------------
 
 
