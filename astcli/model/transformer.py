@@ -14,7 +14,9 @@ from astcli.model.packing import CLS, DIST, PAD, PATCH, PackedBatch
 # oneDNN's linear runs about 1.2x faster than the default (MKL) float32 GEMM on AST's layer shapes on the
 # x86-64 CPU measured (docs/benchmarks.md) and gives the same float32 results to rounding; inference only.
 _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN takes bf16 on AVX-512 CPUs (at the bf16 rate with AVX-512 BF16 / AMX); elsewhere torch's ops serve it
+_BF16_UNITS = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _BF16_UNITS else (torch.float32,)
 
 
 def _cpu_inference(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
@@ -97,7 +99,7 @@ class Attention(nn.Module):
             k, v = kv.view(rows, length, 2, *heads).permute(2, 0, 3, 1, 4)
             if mask is not None:
                 mask = take(mask.transpose(1, 2), readout).transpose(1, 2)
-        if mask is None and _cpu_inference(q, torch.bfloat16):
+        if mask is None and _BF16_UNITS and _cpu_inference(q, torch.bfloat16):
             out = attention_by_head(q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
