@@ -203,15 +203,16 @@ _RECIPE_OPTIONS = (
 )
 
 
-def _with_recipe_options(func):
-    """Append one option per overridable recipe field to a command; they reach it as ``**overrides``."""
+def _training_command(func):
+    """Append the options `train` and `finetune` share (``_TRAINING``) and one option per overridable recipe
+    field to a command; they reach it as ``**options``."""
     import inspect
 
     signature = inspect.signature(func)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    for name, kind, flag, text in _RECIPE_OPTIONS:
-        option = typer.Option(None, flag, help=text)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None))
+    recipe = [(name, kind | None, typer.Option(None, flag, help=text)) for name, kind, flag, text in _RECIPE_OPTIONS]
+    for name, kind, option in [*_TRAINING, *recipe]:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     func.__signature__ = signature.replace(parameters=params)
     return func
 
@@ -243,18 +244,23 @@ def _parse_model_options(items: list[str] | None) -> dict:
     return options
 
 
-def _run_training(command: str, dataset, output, resume, device, num_workers, progress, start) -> None:
-    """The flow `train` and `finetune` share: resume a saved run or ``start(experiment, runtime)`` a new one,
-    then print the results table (or how to continue after an interruption)."""
+def _run_training(command: str, options: dict, start) -> None:
+    """The flow `train` and `finetune` share: resume a saved run, or start a new one with
+    ``start(experiment, dataset, output, **common)``; then print the results table (or how to continue
+    after an interruption). ``options`` are the shared and recipe options the command received."""
     from astcli.train import experiment
 
-    runtime = {"device": device, "num_workers": num_workers, "progress": True if progress else None}
-    if resume:
-        result = experiment.resume(resume, **runtime)
+    shared = {name: options.pop(name) for name, _, _ in _TRAINING}
+    runtime = {"device": shared["device"], "num_workers": shared["num_workers"],
+               "progress": True if shared["progress"] else None}
+    dataset, output = shared["dataset"], shared["output"]
+    if shared["resume"]:
+        result = experiment.resume(shared["resume"], **runtime)
     elif not dataset or not output:
         raise UsageError(f"ast {command} needs --dataset and --output (or --resume DIR)")
     else:
-        result = start(experiment, runtime)
+        result = start(experiment, dataset, output, data_dir=shared["data_dir"], folds=_parse_folds(shared["folds"]),
+                       seed=shared["seed"], amp=shared["amp"], **runtime, **options)
     if result.interrupted:
         print(f"ast: interrupted: state saved in {result.out_dir}; continue with "
               f"`ast {command} --resume {result.out_dir}`", file=sys.stderr)
@@ -266,21 +272,22 @@ def _run_training(command: str, dataset, output, resume, device, num_workers, pr
 _TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folders, a .csv manifest "
                        "(path,labels[,fold]) or a .json datafile.")
 
-# Options that `train` and `finetune` share, declared once.
-_TRAINING = {
-    "dataset": typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP),
-    "data_dir": typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded)."),
-    "output": typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/)."),
-    "resume": typer.Option(None, "--resume", help="Continue the run saved in this directory."),
-    "folds": typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no "
-                          "cross-validation."),
-    "seed": typer.Option(0, "--seed", help="Random seed."),
-    "amp": typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off."),
-    "device": typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    "num_workers": typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, cores))."),
-    "progress": typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it is "
-                             "not a terminal."),
-}
+# Options that `train` and `finetune` share: (name, type, option), added by ``_training_command``.
+_TRAINING = (
+    ("dataset", str, typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP)),
+    ("data_dir", str, typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded).")),
+    ("output", str, typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/).")),
+    ("resume", str, typer.Option(None, "--resume", help="Continue the run saved in this directory.")),
+    ("folds", str, typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no "
+                                "cross-validation.")),
+    ("seed", int, typer.Option(0, "--seed", help="Random seed.")),
+    ("amp", str, typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off.")),
+    ("device", str, typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")),
+    ("num_workers", int, typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, "
+                                      "cores)).")),
+    ("progress", bool, typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
+                                    "is not a terminal.")),
+)
 
 
 @app.command(
@@ -288,27 +295,16 @@ _TRAINING = {
     "(every value can be overridden; unset options keep the recipe's value), k-fold cross-validation where "
     "the dataset has folds. Prints a per-fold table and writes OUTPUT/model, which `ast tag --model` loads.",
 )
-@_with_recipe_options
+@_training_command
 def finetune(
-    dataset: str = _TRAINING["dataset"],
-    data_dir: str = _TRAINING["data_dir"],
     model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
                               "or checkpoint (default: ast-audioset)."),
-    output: str = _TRAINING["output"],
-    resume: str = _TRAINING["resume"],
-    folds: str = _TRAINING["folds"],
-    seed: int = _TRAINING["seed"],
-    amp: str = _TRAINING["amp"],
-    device: str = _TRAINING["device"],
-    num_workers: int = _TRAINING["num_workers"],
-    progress: bool = _TRAINING["progress"],
-    **overrides,
+    **options,
 ) -> None:
-    def start(experiment, runtime):
-        return experiment.finetune(dataset, output, model=model, data_dir=data_dir, folds=_parse_folds(folds),
-                                   seed=seed, amp=amp, **runtime, **overrides)
+    def start(experiment, dataset, output, **common):
+        return experiment.finetune(dataset, output, model=model, **common)
 
-    _run_training("finetune", dataset, output, resume, device, num_workers, progress, start)
+    _run_training("finetune", options, start)
 
 
 @app.command(
@@ -316,32 +312,20 @@ def finetune(
     "ElasticAST; base size only) or from scratch, with packed native-length batches and the dataset's "
     "recipe (unset options keep the recipe's value). Prints the results and writes OUTPUT/model.",
 )
-@_with_recipe_options
+@_training_command
 def train(
-    dataset: str = _TRAINING["dataset"],
-    data_dir: str = _TRAINING["data_dir"],
     arch: str = typer.Option("ast", "--arch", help="ast or elastic."),
     size: str = typer.Option("base", "--size", help="tiny, small or base."),
     init: str = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
     model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
                                            "(e.g. depth=6), repeatable."),
-    output: str = _TRAINING["output"],
-    resume: str = _TRAINING["resume"],
-    folds: str = _TRAINING["folds"],
-    seed: int = _TRAINING["seed"],
-    amp: str = _TRAINING["amp"],
-    device: str = _TRAINING["device"],
-    num_workers: int = _TRAINING["num_workers"],
-    progress: bool = _TRAINING["progress"],
-    **overrides,
+    **options,
 ) -> None:
-    def start(experiment, runtime):
-        options = _parse_model_options(model_option)
-        return experiment.train(dataset, output, arch=arch, size=size, init=init, model_options=options,
-                                data_dir=data_dir, folds=_parse_folds(folds), seed=seed, amp=amp, **runtime,
-                                **overrides)
+    def start(experiment, dataset, output, **common):
+        return experiment.train(dataset, output, arch=arch, size=size, init=init,
+                                model_options=_parse_model_options(model_option), **common)
 
-    _run_training("train", dataset, output, resume, device, num_workers, progress, start)
+    _run_training("train", options, start)
 
 
 @app.command(

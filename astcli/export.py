@@ -71,12 +71,6 @@ def _forward(model: nn.Module, batch: PackedBatch, mask: torch.Tensor | None):
     return _scores(model.classify(batch, mask), model.config.multi_label)
 
 
-def additive_mask(clip_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Block-diagonal attention as ``[rows, 1, length, length]``: 0 within a clip, -inf across clips."""
-    same = (clip_ids.unsqueeze(2) == clip_ids.unsqueeze(1)).unsqueeze(1)
-    return torch.zeros(same.shape, dtype=dtype).masked_fill(~same, float("-inf"))
-
-
 class PackedGraph(nn.Module):
     """``AudioTransformer.forward`` with the batch spelled out as tensors, for export.
 
@@ -91,7 +85,10 @@ class PackedGraph(nn.Module):
 
     def forward(self, patches, freq_pos, time_pos, token_kind, clip_ids, clip_index):
         batch = PackedBatch(patches, freq_pos, time_pos, token_kind, clip_ids, clip_index.shape[0])
-        return _forward(self.model, batch, additive_mask(clip_ids, self.model.patch_embed.weight.dtype))
+        mask = self.model.attention_mask(batch)  # always built while tracing
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=self.model.patch_embed.weight.dtype).masked_fill(~mask, float("-inf"))
+        return _forward(self.model, batch, mask)
 
 
 class KaldiFbank(nn.Module):

@@ -16,7 +16,7 @@ from astcli.model.packing import CLS, DIST, PAD, PATCH, PackedBatch
 _ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 # oneDNN takes bf16 on AVX-512 CPUs (at the bf16 rate with AVX-512 BF16 / AMX); elsewhere torch's ops serve it
 _BF16_UNITS = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _BF16_UNITS else (torch.float32,)
+_ONEDNN_DTYPES = tuple(dtype for dtype, ok in ((torch.float32, _ONEDNN), (torch.bfloat16, _BF16_UNITS)) if ok)
 
 
 def _cpu_inference(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
@@ -28,7 +28,7 @@ def _cpu_inference(x: torch.Tensor, *dtypes: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``; on CPU without autograd (inference) through oneDNN where it is available."""
-    if _ONEDNN and _cpu_inference(x, *_ONEDNN_DTYPES) and weight.dtype == x.dtype:
+    if _cpu_inference(x, *_ONEDNN_DTYPES) and weight.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -274,9 +274,9 @@ class AudioTransformer(nn.Module):
             return None, ids
         counts = read.sum(1)
         positions = torch.sort((~read).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
-        slots = torch.arange(positions.shape[1], device=ids.device)
-        readout = torch.where(slots < counts.unsqueeze(1), positions, 0)
-        return readout, torch.where(slots < counts.unsqueeze(1), ids.gather(1, readout), PAD)
+        used = torch.arange(positions.shape[1], device=ids.device) < counts.unsqueeze(1)
+        readout = torch.where(used, positions, 0)
+        return readout, torch.where(used, ids.gather(1, readout), PAD)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         return self.classify(batch, self.attention_mask(batch))
