@@ -175,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="run every command this many times, in turn; "
-                        "report each command's best")
+                        "report each command's best and median, and the speed-up of each round")
     parser.add_argument("--skip-rss", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -191,23 +191,27 @@ def main() -> None:
             "ast tag --dtype bfloat16": lambda: run_astcli(model_dir, paths, "bfloat16"),
             GLIBC_RUN: lambda: run_transformers(model_dir, paths, KEEP_FREED),
         }
-        best: dict[str, float] = {}
+        times: dict[str, list[float]] = {name: [] for name in commands}
         scores: dict[str, np.ndarray] = {}
         for _ in range(args.rounds):
             for name, command in commands.items():
                 seconds, scores[name] = command()
-                best[name] = min(seconds, best.get(name, seconds))
-        rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
+                times[name].append(seconds)
+        rounds = f", best and median of {args.rounds} rounds" if args.rounds > 1 else ""
         print(f"whole commands, start-up and model loading included{rounds}:")
-        hf_time, hf_scores = best["transformers pipeline"], scores["transformers pipeline"]
-        for name, seconds in best.items():
-            line = f"  {name:36} {seconds:7.2f} s  ({audio / seconds:5.2f}x real time)"
+        hf_times, hf_scores = np.array(times["transformers pipeline"]), scores["transformers pipeline"]
+        for name, spent in times.items():
+            spent = np.array(spent)
+            line = (f"  {name:36} {spent.min():7.2f} s  median {np.median(spent):7.2f} s  "
+                    f"({audio / spent.min():5.2f}x real time)")
             if name.startswith("ast"):
-                line += (f"  speed-up {hf_time / seconds:4.2f}x  "
+                paired = hf_times / spent  # each round's commands ran back to back
+                line += (f"  speed-up {hf_times.min() / spent.min():4.2f}x (per round: median "
+                         f"{np.median(paired):4.2f}x, {paired.min():4.2f}-{paired.max():4.2f}x)  "
                          f"max |score diff| {np.abs(scores[name] - hf_scores).max():.2e}")
             print(line)
         print(f"  (ast tag --dtype float32 vs transformers with the glibc setting: "
-              f"{best[GLIBC_RUN] / best['ast tag --dtype float32']:4.2f}x)")
+              f"{min(times[GLIBC_RUN]) / min(times['ast tag --dtype float32']):4.2f}x)")
         elastic_native_vs_padded(paths)
         if not args.skip_rss:
             peak_rss(folder)
