@@ -49,6 +49,12 @@ def _root(
     _state["debug"] = debug
 
 
+# Options that tag and export share (one OptionInfo each: typer only reads them)
+_LABELS = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, JSON, "
+                       "or one label per line).")
+_REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin.")
+
+
 @app.command(
     help="Tag audio files: print what is in each one.\n\n"
     "FILES are audio files, directories (their audio files; subfolders with --recursive) or '-' for paths "
@@ -64,9 +70,8 @@ def tag(
         None, "--model", "-m", help="Model to use (repeat for an ensemble; probabilities are averaged). "
         "Default: ast-audioset. Presets: see `ast tag --list-models`."
     ),
-    labels: str = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, "
-                               "JSON, or one label per line)."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin."),
+    labels: str = _LABELS,
+    revision: str = _REVISION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of directories."),
     window: float = typer.Option(None, "--window", help="Window length in seconds (default: the model's)."),
     hop: float = typer.Option(None, "--hop", help="Seconds between window starts (default: the window; "
@@ -340,9 +345,8 @@ def export(
     model: str = typer.Option(None, "--model", "-m", help="Model to export: a preset, hub id, model directory or "
                               "checkpoint file (default: ast-audioset)."),
     output: str = typer.Option(..., "--output", "-o", help="Destination file, ending in .onnx."),
-    labels: str = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, "
-                               "JSON, or one label per line)."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin."),
+    labels: str = _LABELS,
+    revision: str = _REVISION,
     hop_ms: float = typer.Option(None, "--hop-ms", help="ElasticAST feature hop in ms, stored as the model's "
                                  "default (and built into a --with-features graph)."),
     opset: int = typer.Option(None, "--opset", help="ONNX opset, 17 to 25 (default 18; 23+ uses the fused "
