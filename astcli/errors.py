@@ -1,4 +1,9 @@
-"""Typed errors raised by the library; the CLI prints their one-line message."""
+"""The one error hierarchy for everything a user can cause; the CLI prints the one-line message.
+
+Library messages name things as the Python API does (``lr``, ``window_seconds``); a ``ParameterError``
+carries the parameter's name so that ``cli.py`` can say ``--lr`` instead. Every wrap keeps its cause
+(``raise ... from exc``) so that ``ast --debug`` shows where a failure began.
+"""
 
 
 class AstcliError(Exception):
@@ -19,3 +24,16 @@ class DatasetError(AstcliError):
 
 class UsageError(AstcliError):
     """Options that do not fit together (exit code 2)."""
+
+
+class ParameterError(UsageError, ValueError):
+    """One parameter has a value it cannot take (exit code 2).
+
+    ``str(err)`` reads ``"<parameter> <problem>"`` with the Python name; ``err.parameter`` and ``err.problem``
+    let a front end put its own name for the parameter (a CLI flag) in front of the same problem.
+    """
+
+    def __init__(self, parameter: str, problem: str):
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem
