@@ -54,7 +54,7 @@ def _open(path: str | os.PathLike) -> sf.SoundFile:
         with open(name, "rb") as handle:
             empty = not handle.read(1)
     except OSError as err:
-        raise _error(name, _OS_REASONS.get(type(err)) or (err.strerror or "cannot read").lower()) from None
+        raise _error(name, _OS_REASONS.get(type(err)) or (err.strerror or "cannot read").lower()) from err
     if empty:
         raise _error(name, "empty audio")
     try:
@@ -62,9 +62,9 @@ def _open(path: str | os.PathLike) -> sf.SoundFile:
     except sf.LibsndfileError as err:
         unrecognised = err.code == _UNRECOGNISED_FORMAT
         reason = "not a recognised audio format" if unrecognised else "corrupt or truncated audio"
-        raise _error(name, reason) from None
-    except _SF_ERRORS:
-        raise _error(name, "corrupt or truncated audio") from None
+        raise _error(name, reason) from err
+    except _SF_ERRORS as exc:
+        raise _error(name, "corrupt or truncated audio") from exc
     if file.frames <= 0 or file.samplerate <= 0:
         file.close()
         raise _error(name, "empty audio")
@@ -75,8 +75,8 @@ def _read_mono(file: sf.SoundFile, name: str, frames: int) -> np.ndarray:
     """Read up to `frames` frames as finite mono float32 (empty at end of file)."""
     try:
         x = file.read(frames, dtype="float32", always_2d=True)
-    except _SF_ERRORS:
-        raise _error(name, "corrupt or truncated audio") from None
+    except _SF_ERRORS as exc:
+        raise _error(name, "corrupt or truncated audio") from exc
     if not np.isfinite(x).all():
         raise _error(name, "audio contains NaN or Inf samples")
     return x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)

@@ -14,7 +14,7 @@ from contextlib import closing
 import typer
 
 from astcli import __version__, keep_freed_memory
-from astcli.errors import AstcliError, DatasetError, ModelError, UsageError
+from astcli.errors import AstcliError, DatasetError, ModelError, ParameterError, UsageError
 
 app = typer.Typer(
     name="ast",
@@ -135,43 +135,34 @@ def tag(
 
 
 class _progress:
-    """A rich progress bar on stderr (files, audio seconds, x real time), or nothing."""
+    """Tagging progress on stderr (files, audio seconds, x real time) when stderr is a terminal or forced."""
 
     def __init__(self, total: int, force: bool):
+        from astcli.console import Progress, progress_wanted
+
+        self.bar = Progress(progress_wanted(force or None))
         self.total = total
-        self.enabled = force or sys.stderr.isatty()
         self.seconds = 0.0
 
     def __enter__(self):
-        if self.enabled:
-            import time
+        import time
 
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.start = time.monotonic()
-            self.bar = Progress(TextColumn("tagging"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=Console(stderr=True),
-                                redirect_stdout=False, redirect_stderr=False)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("files", total=self.total, rate="")
+        self.start = time.monotonic()
+        self.bar.start("tagging", self.total)
         return self
 
     def audio(self, seconds: float) -> None:
-        if self.enabled:
-            import time
+        import time
 
-            self.seconds += seconds
-            elapsed = max(time.monotonic() - self.start, 1e-6)
-            self.bar.update(self.task, rate=f"{self.seconds:.0f} s audio, {self.seconds / elapsed:.1f}x real time")
+        self.seconds += seconds
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        self.bar.advance(0, f"{self.seconds:.0f} s audio, {self.seconds / elapsed:.1f}x real time")
 
     def file_done(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.task)
+        self.bar.advance(1)
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        self.bar.close()
 
 
 # -- train / finetune ----------------------------------------------------------------------------------
@@ -229,8 +220,8 @@ def _parse_folds(folds: str | None) -> list[int] | None:
         return []
     try:
         return [int(f) for f in folds.split(",") if f.strip()]
-    except ValueError:
-        raise UsageError(f"--folds takes fold numbers like 1,2 (or all / none), not {folds!r}") from None
+    except ValueError as exc:
+        raise UsageError(f"--folds takes fold numbers like 1,2 (or all / none), not {folds!r}") from exc
 
 
 def _parse_model_options(items: list[str] | None) -> dict:
@@ -377,13 +368,29 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Parameters whose flag is not ``--`` + the name with ``_`` -> ``-``
+_FLAGS = {"warmup_steps": "--warmup", "fmt": "--format"}
+
+
+def flag_for(parameter: str) -> str:
+    """The command-line flag of a library parameter (``lr`` -> ``--lr``, ``batch_tokens`` -> ``--batch-tokens``)."""
+    return _FLAGS.get(parameter) or "--" + parameter.replace("_", "-")
+
+
+def _message(exc: AstcliError) -> str:
+    """The one-line message of a library error, with a ParameterError's parameter spelled as its flag."""
+    if isinstance(exc, ParameterError):
+        return f"{flag_for(exc.parameter)} {exc.problem}"
+    return str(exc)
+
+
 def main() -> None:
     """Console-script entry point: run the app and turn library errors into one line + exit code."""
     keep_freed_memory()
     try:
         app(prog_name="ast")
     except (ModelError, UsageError, DatasetError) as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(_message(exc), EXIT_USAGE)
     except AstcliError as exc:
         _fail(str(exc), EXIT_SOME_FAILED)
     except KeyboardInterrupt:

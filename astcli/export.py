@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from astcli import __version__
+from astcli import __version__, files
 from astcli.errors import ModelError, UsageError
 from astcli.features import PREEMPHASIS, mel_filters, normalize
 from astcli.model.config import ModelConfig
@@ -274,7 +275,7 @@ def _check_destination(output: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=parent)
     except OSError as exc:
-        raise UsageError(f"{output}: cannot write to {parent} ({exc.strerror or type(exc).__name__})") from None
+        raise UsageError(f"{output}: cannot write to {parent} ({exc.strerror or type(exc).__name__})") from exc
     os.close(fd)
     os.unlink(probe)
 
@@ -315,7 +316,7 @@ def export_onnx(tagger: AudioTagger, output: str | Path, *, opset: int = DEFAULT
     output = Path(output).expanduser()
     _check_destination(output)
     model = copy.deepcopy(tagger.model).to("cpu", torch.float32).eval()
-    model.config.hop_ms = tagger.hop_ms  # the hop features are computed at becomes the graph's default
+    model.config = dataclasses.replace(model.config, hop_ms=tagger.hop_ms)  # the tagger's hop: the graph's default
     graph = "waveform" if with_features else "packed"
     cases = _waveform_cases(tagger) if with_features else _packed_cases(tagger)
     with torch.inference_mode():
@@ -342,9 +343,8 @@ def export_onnx(tagger: AudioTagger, output: str | Path, *, opset: int = DEFAULT
             "source": str(tagger.name or ""), "opset": str(opset),
             "verification": json.dumps({v.precision: v.summary() for v in verifications}),
         }
-        final = work / "final.onnx"
-        _write_metadata(path, final, meta)
-        os.replace(final, output)
+        with files.atomic_path(output) as final:
+            _write_metadata(path, final, meta)
     return ExportReport(output, str(tagger.name or "model"), graph, precision, opset, output.stat().st_size,
                         verifications)
 
@@ -564,7 +564,7 @@ class OnnxTagger(AudioTagger):
             self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: not a loadable ONNX model ({reason})") from None
+            raise ModelError(f"{path}: not a loadable ONNX model ({reason})") from exc
         if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" not in self.session.get_providers():
             raise UsageError(f"--device {device}: ONNX Runtime could not use a CUDA GPU")
         self.metadata = {k.removeprefix(META): v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
@@ -577,7 +577,7 @@ class OnnxTagger(AudioTagger):
         if labels is not None:
             if len(labels) != self._config.num_classes:
                 raise ModelError(f"{len(labels)} labels given for a model with {self._config.num_classes} classes")
-            self._config.labels = list(labels)
+            self._config = dataclasses.replace(self._config, labels=tuple(labels))
         self.name = str(path)
         self.precision = self.metadata.get("precision", "float32")
         self.device = torch.device("cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu")
@@ -617,4 +617,4 @@ def _config_from(metadata: dict[str, str], path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(json.loads(metadata["config"]))
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable {META}config metadata ({exc})") from None
+        raise ModelError(f"{path}: unreadable {META}config metadata ({exc})") from exc

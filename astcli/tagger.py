@@ -93,7 +93,7 @@ class AudioTagger:
     @property
     def labels(self) -> list[str]:
         """Class names, index = class id (numbers as strings when the checkpoint has none)."""
-        return self.config.labels or [str(i) for i in range(self.config.num_classes)]
+        return list(self.config.labels) or [str(i) for i in range(self.config.num_classes)]
 
     @property
     def sample_rate(self) -> int:

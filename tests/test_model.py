@@ -51,7 +51,7 @@ def test_hf_parity_packed_batch(hf_model_dir):
     tagger = load_model(directory)
     config = tagger.config
     assert (config.freq_stride, config.time_stride) == (hf.config.frequency_stride, hf.config.time_stride)
-    assert config.labels == [f"class {i}" for i in range(5)]
+    assert config.labels == tuple(f"class {i}" for i in range(5))
     inputs = torch.stack([ast_window(raw_fbank(200, seed), 200) for seed in range(5)])
     expected = hf_logits(hf, inputs)
     assert expected.std() > 0.1  # the oracle is not degenerate

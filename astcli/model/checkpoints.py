@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from astcli import files
 from astcli.errors import ModelError
 from astcli.model.config import DEFAULT_STATS, ModelConfig
 
@@ -34,16 +36,16 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ModelError(f"{path}: is a directory, not a checkpoint file") from None
-    except pickle.UnpicklingError:  # torch's own message is many lines, with terminal escapes
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ModelError(f"{path}: is a directory, not a checkpoint file") from exc
+    except pickle.UnpicklingError as exc:  # torch's own message is many lines, with terminal escapes
         raise ModelError(f"{path}: refused by the weights-only loader (corrupt, or pickled objects "
-                         "other than tensors)") from None
+                         "other than tensors)") from exc
     except Exception as exc:  # torch and safetensors raise many types for bad files
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from exc
     for wrapper in ("state_dict", "model_state", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -59,12 +61,12 @@ def read_labels(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from None
+        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from exc
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from None
+            raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from exc
         data = data.get("id2label", data) if isinstance(data, dict) else data
         if isinstance(data, dict):
             return [str(data[k]) for k in sorted(data, key=int)]
@@ -75,8 +77,8 @@ def read_labels(path: str | Path) -> list[str]:
     if rows and [c.strip().lower() for c in rows[0][:3]] == ["index", "mid", "display_name"]:
         try:
             pairs = sorted((int(r[0]), r[2].strip()) for r in rows[1:] if r)
-        except (ValueError, IndexError):
-            raise ModelError(f"{path}: malformed index,mid,display_name row") from None
+        except (ValueError, IndexError) as exc:
+            raise ModelError(f"{path}: malformed index,mid,display_name row") from exc
         return [name for _, name in pairs]
     labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
@@ -91,12 +93,9 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, state: dict[str,
     """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created); returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / "model.safetensors")
+    files.save_tensors(state, directory / "model.safetensors")
     payload = {"format": OWN_FORMAT, **config.to_dict()}
-    (directory / "config.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    files.write_text(directory / "config.json", json.dumps(payload, indent=2) + "\n")
     return directory
 
 
@@ -105,7 +104,7 @@ def _load_own(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
     try:
         config = ModelConfig.from_dict(meta)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"{directory}/config.json: {exc}") from None
+        raise ModelError(f"{directory}/config.json: {exc}") from exc
     return config, read_weights(_weights_file(directory, ("model.safetensors",)))
 
 
@@ -124,8 +123,8 @@ def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
     prep_file = directory / "preprocessor_config.json"
     try:
         prep = json.loads(prep_file.read_text(encoding="utf-8")) if prep_file.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"{prep_file}: not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{prep_file}: not valid JSON") from exc
     if not isinstance(prep, dict):
         raise ModelError(f"{prep_file}: not a JSON object")
     id2label = meta.get("id2label") or {}
@@ -145,7 +144,7 @@ def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
             sample_rate=prep.get("sampling_rate", 16000), mean=float(mean), std=float(std), labels=labels,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from None
+        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from exc
     hf = read_weights(_weights_file(directory, HF_WEIGHTS))
     return config, convert_hf_ast(hf, config)
 
@@ -302,8 +301,8 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
             raise ModelError(f"{path}: no config.json in model directory")
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelError(f"{meta_file}: not valid JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{meta_file}: not valid JSON") from exc
         if not isinstance(meta, dict):
             raise ModelError(f"{meta_file}: not a JSON object")
         if meta.get("format") == OWN_FORMAT:
@@ -322,16 +321,16 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
             else:
                 raise ModelError(f"{path}: not an AST or ElasticAST checkpoint (unknown keys)")
         except KeyError as exc:
-            raise ModelError(f"{path}: checkpoint lacks {exc.args[0]}") from None
+            raise ModelError(f"{path}: checkpoint lacks {exc.args[0]}") from exc
         except (ValueError, IndexError, RuntimeError) as exc:  # mis-shaped or inconsistent tensors
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: malformed checkpoint ({reason})") from None
+            raise ModelError(f"{path}: malformed checkpoint ({reason})") from exc
     else:
         raise ModelError(f"{path}: no such file or directory")
     if labels is not None:
         if len(labels) != config.num_classes:
             raise ModelError(f"{len(labels)} labels given for a model with {config.num_classes} classes")
-        config.labels = list(labels)
+        config = dataclasses.replace(config, labels=tuple(labels))
     return config, state
 
 
@@ -354,11 +353,11 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
                 break
             except (EntryNotFoundError, LocalEntryNotFoundError):
                 continue
-    except HFValidationError:
-        raise ModelError(f"{repo_id}: not a file, preset or valid hub id") from None
-    except LocalEntryNotFoundError:
-        raise ModelError(f"{repo_id}: not in the local Hugging Face cache and the hub is not reachable") from None
+    except HFValidationError as exc:
+        raise ModelError(f"{repo_id}: not a file, preset or valid hub id") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelError(f"{repo_id}: not in the local Hugging Face cache and the hub is not reachable") from exc
     except Exception as exc:  # network and hub errors of many kinds
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: cannot fetch from the Hugging Face hub ({reason})") from None
+        raise ModelError(f"{repo_id}: cannot fetch from the Hugging Face hub ({reason})") from exc
     return config.parent

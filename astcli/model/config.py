@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from astcli.errors import ParameterError
 
 FAMILIES = ("ast", "elastic")
 POOLINGS = ("cls_dist", "cls", "attention", "mean")
@@ -12,7 +14,7 @@ POOLINGS = ("cls_dist", "cls", "attention", "mean")
 DEFAULT_STATS = {"ast": (-4.2677393, 4.5689974), "elastic": (-4.414, 4.905)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture, preprocessing and labels of a tagger; saved as config.json next to the weights.
 
@@ -20,6 +22,10 @@ class ModelConfig:
     ``grid_freq x grid_time``, CLS + distillation tokens, windows padded to ``max_frames``.
     ``family="elastic"``: non-overlapping patches, factorised position tables (frequency + time),
     attention pooling, clips at native length up to ``max_frames``.
+
+    Immutable: derive a changed copy with ``dataclasses.replace(config, ...)``. ``labels`` is a tuple (a list
+    given to the constructor is converted). A value outside what the architecture allows raises
+    ``ParameterError`` naming the field.
     """
 
     family: str = "ast"
@@ -43,21 +49,22 @@ class ModelConfig:
     hop_ms: float = 10.0
     mean: float = -4.2677393
     std: float = 4.5689974
-    labels: list[str] = field(default_factory=list)
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r} (expected one of {FAMILIES})")
+            raise ParameterError("family", f"{self.family!r} is unknown (expected one of {', '.join(FAMILIES)})")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r} (expected one of {POOLINGS})")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+            raise ParameterError("pooling", f"{self.pooling!r} is unknown (expected one of {', '.join(POOLINGS)})")
+        if self.heads < 1 or self.dim % self.heads:
+            raise ParameterError("heads", f"{self.heads} does not divide dim {self.dim}")
         if self.labels and len(self.labels) != self.num_classes:
-            raise ValueError(f"{len(self.labels)} labels for a head of {self.num_classes} classes")
+            raise ParameterError("labels", f"has {len(self.labels)} names for a head of {self.num_classes} classes")
         if self.pooling == "cls_dist" and self.prefix_tokens != 2:
-            raise ValueError("cls_dist pooling needs prefix_tokens=2")
+            raise ParameterError("prefix_tokens", "must be 2 for cls_dist pooling")
         if self.pooling == "cls" and self.prefix_tokens < 1:
-            raise ValueError("cls pooling needs prefix_tokens>=1")
+            raise ParameterError("prefix_tokens", "must be at least 1 for cls pooling")
 
     @property
     def grid_freq(self) -> int:
@@ -89,13 +96,9 @@ class ModelConfig:
         """Sequence length of one clip of ``frames`` frames, prefix tokens included."""
         return self.grid_freq * self.time_patches(frames) + self.prefix_tokens
 
-    def label(self, index: int) -> str:
-        """Display name of class ``index`` (its number where the checkpoint has no labels)."""
-        return self.labels[index] if self.labels else str(index)
-
     def to_dict(self) -> dict:
-        """Plain JSON-ready dictionary."""
-        return dataclasses.asdict(self)
+        """Plain JSON-ready dictionary (``labels`` as a list)."""
+        return {**dataclasses.asdict(self), "labels": list(self.labels)}
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:

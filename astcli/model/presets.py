@@ -48,4 +48,4 @@ def get_preset(name: str) -> Preset | None:
             revision=data.get("revision"), members=tuple(data.get("members", ())), classes=data.get("classes", ""),
         )
     except (tomllib.TOMLDecodeError, TypeError) as exc:
-        raise ModelError(f"{path}: malformed model card ({exc})") from None
+        raise ModelError(f"{path}: malformed model card ({exc})") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import platform
 
 import torch
@@ -191,16 +193,23 @@ class AudioTransformer(nn.Module):
         if self.config.pooling == "attention":
             nn.init.trunc_normal_(self.pool.query, std=0.02)
 
-    def reset_head(self, num_classes: int, labels: list[str] | None = None, multi_label: bool | None = None) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` classes (fine-tuning)."""
+    def with_head(self, num_classes: int, labels: tuple[str, ...] | list[str] | None = None,
+                  multi_label: bool | None = None) -> AudioTransformer:
+        """A copy of this model with a fresh classifier for ``num_classes`` classes (fine-tuning).
+
+        The body's weights are copied, the head is drawn anew (truncated normal, std 0.02, from torch's global
+        generator); ``self`` is left unchanged.
+        """
         c = self.config
-        c.num_classes, c.labels = num_classes, list(labels or [])
-        if multi_label is not None:
-            c.multi_label = multi_label
+        config = dataclasses.replace(c, num_classes=num_classes, labels=tuple(labels or ()),
+                                     multi_label=c.multi_label if multi_label is None else multi_label)
+        model = copy.deepcopy(self)
+        model.config = config
         weight = self.head.weight
-        self.head = Linear(c.dim, num_classes, device=weight.device, dtype=weight.dtype)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        model.head = Linear(c.dim, num_classes, device=weight.device, dtype=weight.dtype)
+        nn.init.trunc_normal_(model.head.weight, std=0.02)
+        nn.init.zeros_(model.head.bias)
+        return model
 
     def positions(self, freq_pos: torch.Tensor, time_pos: torch.Tensor) -> torch.Tensor:
         """Position embedding of each patch token.

@@ -19,7 +19,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from astcli.console import Progress
 from astcli.errors import DatasetError
+from astcli.files import write_text
 
 ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus"})
@@ -104,23 +106,19 @@ def _tree_fingerprint(root: Path) -> dict[str, object]:
 
 def _fetch(url: str, dest: Path, progress: bool) -> tuple[int, str]:
     """Stream ``url`` to ``dest`` with a progress bar on stderr; return (size, sha256)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
     digest, size = hashlib.sha256(), 0
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     try:
         with (
             urllib.request.urlopen(url, timeout=60) as response,
             open(dest, "wb") as out,
-            Progress(*columns, console=Console(stderr=True), disable=not progress) as bar,
+            Progress(progress, unit="bytes", elapsed=False) as bar,
         ):
-            task = bar.add_task("ESC-50", total=int(response.headers.get("Content-Length") or 0) or None)
+            bar.start("ESC-50", total=int(response.headers.get("Content-Length") or 0) or None)
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
                 size += len(chunk)
-                bar.advance(task, len(chunk))
+                bar.advance(len(chunk))
     except OSError as exc:  # URLError and socket timeouts are OSErrors
         raise DatasetError(f"cannot download {url}: {getattr(exc, 'reason', None) or _why(exc)}") from exc
     return size, digest.hexdigest()
@@ -175,9 +173,7 @@ def download_esc50(
                 shutil.rmtree(data_dir)
             os.replace(metas[0].parent.parent, data_dir)
         record = {"url": url, "size": size, "sha256": digest, "tree": _tree_fingerprint(data_dir)}
-        partial = record_path.with_suffix(".json.part")
-        partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(partial, record_path)
+        write_text(record_path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         raise DatasetError(f"cannot store ESC-50 in {cache}: {_why(exc)}") from exc
     return data_dir

@@ -20,7 +20,6 @@ Output directory (one ``foldK/`` per fold for folded datasets, the same files at
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from astcli import files
+from astcli.console import warn
 from astcli.errors import UsageError
 from astcli.model.config import DEFAULT_STATS, ast_config, elastic_config
 from astcli.model.transformer import AudioTransformer
@@ -41,15 +42,13 @@ from astcli.train.data import _data_window, scan_lengths
 from astcli.train.datasets import Dataset, fold_split, load_dataset
 from astcli.train.loop import (
     FitResult,
-    _atomic_text,
     _generator,
-    _once,
     _plain,
-    _warn,
     adapt_window,
     amp_dtype,
     derive_seed,
     fit,
+    unreadable_reporter,
 )
 from astcli.train.recipes import Recipe, recipe_for
 from astcli.train.runtime import Distributed, setup_distributed, stop_on_signals
@@ -75,7 +74,7 @@ def _cached_lengths(out_dir: Path, dataset: Dataset, sample_rate: int, dist: Dis
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         payload = {"key": key, "sample_rate": sample_rate, "samples": samples, "errors": errors}
-        _atomic_text(cache, json.dumps(payload) + "\n")
+        files.write_text(cache, json.dumps(payload) + "\n")
     return samples, errors
 
 
@@ -229,10 +228,10 @@ class _Experiment:
         if family == "elastic" or self.recipe.window is None:
             self.samples, errors = _cached_lengths(self.out, ds, sample_rate, dist)
         self.scan_bad = {int(i): why for i, why in errors.items()}
-        self.report = _once(quiet=bool(self.scan_bad))  # one warning for the whole run
+        self.report = unreadable_reporter(quiet=bool(self.scan_bad))  # one warning for the whole run
         if self.scan_bad and dist.main:
             first = next(iter(self.scan_bad.values()))
-            _warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({first})")
+            warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({first})")
         if self.recipe.window is None:
             usable = [i for i in range(len(ds.examples)) if i not in self.scan_bad]
             self.recipe = self.recipe.replace(window=_data_window(self.samples, usable, hop, sample_rate))
@@ -264,7 +263,7 @@ class _Experiment:
         try:
             config = family(spec.size, **{**options, **spec.model_options})
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"model options: {exc}") from None
+            raise UsageError(f"model options: {exc}") from exc
         torch.manual_seed(derive_seed(spec.seed, "architecture"))
         model = AudioTransformer(config)
         if spec.init == "imagenet":
@@ -279,21 +278,20 @@ class _Experiment:
         if model.config.family == "ast" and r.window != model.config.max_frames:
             model = adapt_window(model, r.window)
         c = model.config
+        mean, std = c.mean, c.std
         if r.mean is not None:
-            c.mean, c.std = float(r.mean), float(r.std)
+            mean, std = float(r.mean), float(r.std)
         elif self.spec.kind == "train" and "mean" not in self.spec.model_options:
-            c.mean, c.std = DEFAULT_STATS[c.family]
+            mean, std = DEFAULT_STATS[c.family]
         loss = r.loss or ("bce" if ds.multi_label else "ce")
-        c.multi_label = loss == "bce"
+        model.config = dataclasses.replace(c, mean=mean, std=std, multi_label=loss == "bce")
         return model
 
     def model_for(self, fold: int | None) -> AudioTransformer:
         """A fresh copy of the base model with a new head for the dataset's classes (seeded per fold)."""
-        model = copy.deepcopy(self.base)
         torch.manual_seed(derive_seed(self.spec.seed, fold, "head"))
         ds = self.dataset
-        model.reset_head(len(ds.classes), list(ds.classes), model.config.multi_label)
-        return model
+        return self.base.with_head(len(ds.classes), ds.classes, self.base.config.multi_label)
 
     # -- splits
 
@@ -347,7 +345,7 @@ class _Experiment:
                 if self.model_dir_missing(first):
                     raise UsageError(f"{first}: the first fold's model is missing")
                 shutil.copytree(first, self.out / "model", dirs_exist_ok=True)
-            _atomic_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+            files.write_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
         return result
 
     @staticmethod
@@ -398,7 +396,7 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None
                 out.mkdir(parents=True, exist_ok=True)
                 payload = {**spec.to_dict(), "resolved_recipe": experiment.recipe.to_dict(),
                            "dataset_name": experiment.dataset.name, "classes": experiment.dataset.classes}
-                _atomic_text(meta, json.dumps(_plain(payload), indent=2) + "\n")
+                files.write_text(meta, json.dumps(_plain(payload), indent=2) + "\n")
             dist.barrier()
             return experiment.run(num_workers=num_workers, progress=progress, stop=stop,
                                   on_epoch_end=on_epoch_end, on_step=on_step)
@@ -440,10 +438,10 @@ def resume(out_dir: str | Path, *, device=None, num_workers: int | None = None, 
     meta = Path(out_dir) / "run.json"
     try:
         spec = RunSpec.from_dict(json.loads(meta.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise UsageError(f"{out_dir}: no run.json, so nothing to resume") from None
+    except FileNotFoundError as exc:
+        raise UsageError(f"{out_dir}: no run.json, so nothing to resume") from exc
     except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"{meta}: unreadable run description ({exc})") from None
+        raise UsageError(f"{meta}: unreadable run description ({exc})") from exc
     return run(spec, out_dir, resume=True, device=device, num_workers=num_workers, progress=progress,
                on_epoch_end=on_epoch_end, on_step=on_step)
 

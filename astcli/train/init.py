@@ -51,20 +51,20 @@ def fetch_imagenet(repo_id: str, *, revision: str | None = None,
             weights_file = fetch("model.safetensors")
         except (EntryNotFoundError, LocalEntryNotFoundError):
             weights_file = fetch("pytorch_model.bin")
-    except HFValidationError:
-        raise ModelError(f"{repo_id}: not a valid hub id") from None
-    except LocalEntryNotFoundError:
+    except HFValidationError as exc:
+        raise ModelError(f"{repo_id}: not a valid hub id") from exc
+    except LocalEntryNotFoundError as exc:
         raise ModelError(f"{repo_id}: ImageNet weights are not in the local Hugging Face cache "
-                         "and the hub is not reachable") from None
-    except EntryNotFoundError:
-        raise ModelError(f"{repo_id}: the repository has no model.safetensors or pytorch_model.bin") from None
+                         "and the hub is not reachable") from exc
+    except EntryNotFoundError as exc:
+        raise ModelError(f"{repo_id}: the repository has no model.safetensors or pytorch_model.bin") from exc
     except Exception as exc:  # network and hub errors of many kinds
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: cannot fetch ImageNet weights ({reason})") from None
+        raise ModelError(f"{repo_id}: cannot fetch ImageNet weights ({reason})") from exc
     try:
         meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelError(f"{repo_id}: config.json is not valid JSON") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{repo_id}: config.json is not valid JSON") from exc
     return meta, read_weights(weights_file)
 
 

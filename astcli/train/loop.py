@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from astcli import files
+from astcli.console import Progress, warn_once
 from astcli.errors import DatasetError, UsageError
 from astcli.features import frames_for_samples
 from astcli.model.checkpoints import save_checkpoint
@@ -58,30 +60,6 @@ def derive_seed(*parts) -> int:
 
 def _generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_replace(tmp, path)
-
-
-def _atomic_torch(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
-
-
-def _atomic_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, str(tmp))
-    _fsync_replace(tmp, path)
 
 
 def _plain(value):
@@ -181,16 +159,15 @@ def _set_rng_state(state: dict) -> None:
 
 def write_logs(directory: Path, history: list[dict]) -> None:
     """``log.jsonl`` and ``log.csv`` (one row per epoch) and ``curves.png`` when matplotlib is installed."""
-    _atomic_text(directory / "log.jsonl", "".join(json.dumps(_plain(r)) + "\n" for r in history))
+    files.write_text(directory / "log.jsonl", "".join(json.dumps(_plain(r)) + "\n" for r in history))
     columns: list[str] = []
     for record in history:
         columns += [k for k in record if k not in columns]
-    tmp = directory / "log.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in _plain(r).items()} for r in history)
-    _fsync_replace(tmp, directory / "log.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in _plain(r).items()} for r in history)
+    files.write_text(directory / "log.csv", table.getvalue())
     plot_curves(history, directory / "curves.png")
 
 
@@ -228,61 +205,15 @@ def plot_curves(history: list[dict], path: Path) -> bool:
     return True
 
 
-class _Progress:
-    """A rich progress bar on stderr (loss, clips/s), or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} clips/s"),
-                TimeElapsedColumn(), console=Console(stderr=True),
-            )
-            self.bar.start()
-        self.task = None
-
-    def start(self, description: str, total: int, completed: int) -> None:
-        if self.bar is not None:
-            self.task = self.bar.add_task(description, total=total, completed=completed, loss=0.0, rate=0.0)
-
-    def update(self, loss: float, rate: float) -> None:
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, advance=1, loss=loss, rate=rate)
-
-    def done(self) -> None:
-        """Drop the finished epoch's bar (its summary line follows)."""
-        if self.bar is not None and self.task is not None:
-            self.bar.remove_task(self.task)
-            self.task = None
-
-    def log(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(message, highlight=False, markup=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+def _speed(loss: float, clips_per_s: float) -> str:
+    return f"loss {loss:.4f}  {clips_per_s:.1f} clips/s"
 
 
-def _warn(message: str) -> None:
-    print(f"ast: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _once(quiet: bool = False) -> Callable[[str], None]:
-    """A reporter of unreadable clips that warns at the first one only (never when ``quiet``)."""
-    done = [quiet]
-
-    def report(reason: str) -> None:
-        if not done[0]:
-            _warn(f"skipping unreadable audio ({reason}); further failures are counted in the logs, not shown")
-            done[0] = True
-
-    return report
+def unreadable_reporter(quiet: bool = False) -> Callable[[str], None]:
+    """Reporter of clips that fail to decode: one warning at the first (none when ``quiet``); the rest are
+    counted in the logs."""
+    return warn_once(lambda reason: f"skipping unreadable audio ({reason}); further failures are counted in "
+                     "the logs, not shown", quiet)
 
 
 # -- fitting one model ---------------------------------------------------------------------------------
@@ -368,7 +299,7 @@ class _Trainer:
             self.net = self.model
         self.optimizer = make_optimizer(self.model.parameters(), recipe)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        self.progress = _Progress(bool(progress) and self.dist.main)
+        self.progress = Progress(bool(progress) and self.dist.main)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.partial = {"loss_sum": 0.0, "clips": 0, "tokens": 0, "seconds": 0.0}
         self.history: list[dict] = []
@@ -437,7 +368,7 @@ class _Trainer:
             "sampler": self.sampler.state_dict(), "rng": _rng_state(),
             "data": {"train": len(self.train_idx), "val": len(self.val_idx), "classes": len(self.dataset.classes)},
         }
-        _atomic_torch(state, self.state_path)
+        files.save_torch(state, self.state_path)
 
     def load_state(self) -> bool:
         if not self.state_path.is_file():
@@ -445,7 +376,7 @@ class _Trainer:
         try:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged file: say so in one line
-            raise UsageError(f"{self.state_path}: cannot read the training state ({type(exc).__name__})") from None
+            raise UsageError(f"{self.state_path}: cannot read the training state ({type(exc).__name__})") from exc
         if state.get("version") != STATE_VERSION:
             raise UsageError(f"{self.state_path}: training state version {state.get('version')} is not supported")
         data = state["data"]
@@ -529,7 +460,7 @@ class _Trainer:
         self.model.train()
         start = self.batch
         label = f"fold {self.fold} " if self.fold is not None else ""
-        self.progress.start(f"{label}epoch {epoch}/{self.recipe.epochs}", len(plans), start)
+        self.progress.start(f"{label}epoch {epoch}/{self.recipe.epochs}", len(plans), start, _speed(0.0, 0.0))
         t0 = time.perf_counter() - self.partial["seconds"]
         p = self.partial
         lr = learning_rate(self.recipe, epoch, max(1, self.step), self.warmup or 0)
@@ -544,7 +475,7 @@ class _Trainer:
             p["clips"] += n
             p["tokens"] += loaded.tokens
             p["seconds"] = time.perf_counter() - t0
-            self.progress.update(p["loss_sum"] / max(1, p["clips"]), p["clips"] / max(1e-9, p["seconds"]))
+            self.progress.advance(1, _speed(p["loss_sum"] / max(1, p["clips"]), p["clips"] / max(1e-9, p["seconds"])))
             if not last_micro:
                 continue
             lr = self._optimizer_step(epoch)
@@ -555,7 +486,7 @@ class _Trainer:
                 self.save_state()
                 return False
         p["lr"] = lr
-        self.progress.done()
+        self.progress.finish()
         return True
 
     def evaluate(self, indices: list[int], shard: bool = True) -> tuple[dict, float | None]:
@@ -606,9 +537,9 @@ class _Trainer:
         if self.dist.main:
             if r.wa_start is not None and r.wa_start <= epoch <= r.wa_end:
                 (self.out / "epochs").mkdir(exist_ok=True)
-                _atomic_weights(self.model.state_dict(), self.out / "epochs" / f"epoch_{epoch:03d}.safetensors")
+                files.save_tensors(self.model.state_dict(), self.out / "epochs" / f"epoch_{epoch:03d}.safetensors")
             if improved:
-                _atomic_weights(self.model.state_dict(), self.out / "best.safetensors")
+                files.save_tensors(self.model.state_dict(), self.out / "best.safetensors")
         if improved:
             self.best = {"epoch": epoch, "value": value}
         self.epoch, self.batch = epoch, 0
@@ -635,8 +566,8 @@ class _Trainer:
         test: dict = {}
         if self.dist.main:
             if select == "wa":
-                files = [self.out / "epochs" / f"epoch_{e:03d}.safetensors" for e in range(r.wa_start, r.wa_end + 1)]
-                self.model.load_state_dict(average_weights(files))
+                paths = [self.out / "epochs" / f"epoch_{e:03d}.safetensors" for e in range(r.wa_start, r.wa_end + 1)]
+                self.model.load_state_dict(average_weights(paths))
                 metrics, _ = self.evaluate(self.val_idx, shard=False)
                 epoch = r.wa_end
             elif select == "best":
@@ -647,7 +578,7 @@ class _Trainer:
             test, _ = self.evaluate(self.test_idx, shard=False)
             save_checkpoint(self.out / "model", self.config, self.model.state_dict())
             result = FitResult(self.out, self.history, metrics, test, select, epoch, len(self.bad), self.fold)
-            _atomic_text(self.out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+            files.write_text(self.out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
             for leftover in (self.state_path, self.out / "best.safetensors"):
                 leftover.unlink(missing_ok=True)
         self.dist.barrier()
@@ -711,7 +642,7 @@ def fit(model: AudioTransformer, dataset: Dataset, recipe: Recipe, out_dir: str 
     trainer = _Trainer(model, dataset, recipe, out_dir, train_idx=train_idx, val_idx=val_idx, test_idx=test_idx,
                        fold=fold, seed=seed, amp=amp, device=device, num_workers=num_workers, progress=progress,
                        stop=stop, on_epoch_end=on_epoch_end, on_step=on_step, lengths=lengths, bad_known=bad,
-                       report=report or _once())
+                       report=report or unreadable_reporter())
     return trainer.run(resume)
 
 
