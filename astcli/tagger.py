@@ -8,8 +8,9 @@ import torch
 
 from astcli.errors import ModelError, UsageError
 from astcli.features import fbank, normalize
-from astcli.model.checkpoints import hub_snapshot, load_checkpoint, read_labels, save_checkpoint
+from astcli.model.checkpoints import load_checkpoint, read_labels, save_checkpoint
 from astcli.model.config import ModelConfig
+from astcli.model.hub import hub_snapshot
 from astcli.model.packing import Clip, batch_clips, fit_frames, pack_clips, patchify
 from astcli.model.presets import DEFAULT_MODEL, get_preset
 from astcli.model.transformer import AudioTransformer

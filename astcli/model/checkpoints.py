@@ -6,7 +6,6 @@ or ``torch.load(weights_only=True)``, never unpickled unsafely. Problems raise o
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -332,32 +331,3 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
             raise ModelError(f"{len(labels)} labels given for a model with {config.num_classes} classes")
         config = dataclasses.replace(config, labels=tuple(labels))
     return config, state
-
-
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch (or find in the standard cache; ``HF_HUB_OFFLINE=1`` honoured) only the files a transformers
-    AST model needs; returns the snapshot directory."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision))
-
-    try:
-        config = fetch("config.json")
-        with contextlib.suppress(EntryNotFoundError, LocalEntryNotFoundError):
-            fetch("preprocessor_config.json")
-        for name in HF_WEIGHTS:
-            try:
-                fetch(name)
-                break
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                continue
-    except HFValidationError as exc:
-        raise ModelError(f"{repo_id}: not a file, preset or valid hub id") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelError(f"{repo_id}: not in the local Hugging Face cache and the hub is not reachable") from exc
-    except Exception as exc:  # network and hub errors of many kinds
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: cannot fetch from the Hugging Face hub ({reason})") from exc
-    return config.parent

@@ -14,7 +14,7 @@ The transfer, written here against the transformers key names:
 * the ImageNet classifier heads are dropped: head and head LayerNorm stay freshly initialised.
 
 Only ``model.safetensors`` (``pytorch_model.bin`` if a repository has no safetensors file, read with
-``weights_only=True``) and ``config.json`` are fetched, with ``hf_hub_download`` (``HF_HUB_OFFLINE=1`` and
+``weights_only=True``) and ``config.json`` are fetched, by ``astcli.model.hub.fetch`` (``HF_HUB_OFFLINE=1`` and
 the standard cache honoured).
 """
 
@@ -29,6 +29,7 @@ import torch
 from astcli.errors import ModelError
 from astcli.model.checkpoints import convert_hf_vit_blocks, read_weights
 from astcli.model.config import ModelConfig
+from astcli.model.hub import fetch
 from astcli.model.transformer import AudioTransformer, resize_grid
 
 DEIT_REPO = "facebook/deit-base-distilled-patch16-384"
@@ -39,28 +40,10 @@ IMAGENET_SOURCES = {"ast": DEIT_REPO, "elastic": VIT_REPO}
 def fetch_imagenet(repo_id: str, *, revision: str | None = None,
                    cache_dir: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config.json as a dict, state dict)`` of a transformers DeiT / ViT checkpoint on the hub or in the cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir))
-
-    try:
-        config_file = fetch("config.json")
-        try:
-            weights_file = fetch("model.safetensors")
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            weights_file = fetch("pytorch_model.bin")
-    except HFValidationError as exc:
-        raise ModelError(f"{repo_id}: not a valid hub id") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelError(f"{repo_id}: ImageNet weights are not in the local Hugging Face cache "
-                         "and the hub is not reachable") from exc
-    except EntryNotFoundError as exc:
-        raise ModelError(f"{repo_id}: the repository has no model.safetensors or pytorch_model.bin") from exc
-    except Exception as exc:  # network and hub errors of many kinds
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: cannot fetch ImageNet weights ({reason})") from exc
+    files = fetch(repo_id, [("config.json",), ("model.safetensors", "pytorch_model.bin")], revision=revision,
+                  cache_dir=cache_dir, instead="train from scratch (init none)")
+    config_file = files["config.json"]
+    weights_file = files.get("model.safetensors") or files["pytorch_model.bin"]
     try:
         meta = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
