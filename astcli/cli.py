@@ -95,10 +95,7 @@ def tag(
     list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),
 ) -> None:
     if list_models:
-        from astcli.model.presets import list_presets
-
-        for p in list_presets():
-            typer.echo(f"{p.name:32} {p.description}")
+        _list_models()
         raise typer.Exit()
     if not files:
         raise UsageError("no inputs: give audio files, directories, or '-' to read paths from stdin")
@@ -132,6 +129,29 @@ def tag(
         if output:
             stream.close()
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _list_models() -> None:
+    """The presets, sorted: name (default marked), download size, whether the local cache holds it, then the
+    hub id (or the ensemble's members) and the description, wrapped to the terminal. No torch import."""
+    import shutil
+    import textwrap
+
+    from astcli.model.hub import is_cached
+    from astcli.model.presets import DEFAULT_MODEL, download_mb, get_preset, list_presets
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    presets = list_presets()
+    names = [p.name + (" (default)" if p.name == DEFAULT_MODEL else "") for p in presets]
+    column = max(map(len, names))
+    for preset, name in zip(presets, names, strict=True):
+        sources = [get_preset(m) or preset for m in preset.members] or [preset]
+        cached = sum(is_cached(s.source, s.revision) for s in sources if s.source)
+        state = "cached" if cached == len(sources) else f"{cached}/{len(sources)} cached" if cached else "not cached"
+        typer.echo(f"{name:{column}}  {download_mb(preset):>5} MB  {state}")
+        origin = preset.source or "ensemble of " + ", ".join(preset.members)
+        typer.echo(textwrap.fill(f"{origin}: {preset.description}", width=max(width - 1, 40),
+                                 initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
 
 
 class _progress:

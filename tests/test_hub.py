@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from astcli.cli import app
 from astcli.errors import ModelError
+from astcli.model.presets import get_preset
 from astcli.tagger import load_model
 
 HUB_MODEL = "owner/tiny-ast"
@@ -157,3 +158,35 @@ def test_cli_with_an_unreachable_endpoint_ends_quickly_with_one_line(tmp_path, f
     assert done.stderr.startswith("ast: error: MIT/ast-finetuned-audioset-10-10-0.4593: not in the local")
     assert len(done.stderr.splitlines()) == 1 and "Retrying" not in done.stderr
     assert hub.connections <= 2 and elapsed < 15
+
+
+def test_list_models_is_sorted_sized_marks_the_default_and_the_cache_without_torch(tmp_path, model_dir):
+    from astcli.model.presets import DEFAULT_MODEL, get_preset, list_presets
+
+    default = get_preset(DEFAULT_MODEL)
+    build_hub_cache(tmp_path / "hub", default.source, model_dir)
+    script = ("import sys; from astcli.cli import main; sys.argv = ['ast', 'tag', '--list-models']\n"
+              "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    lines = done.stdout.splitlines()
+    assert lines.pop() == "False", "listing the models imported torch"
+    heads = [line.split() for line in lines if not line.startswith(" ")]
+    names = [p.name for p in list_presets()]
+    assert [h[0] for h in heads] == sorted(names) == names
+    rows = {h[0]: h[1:] for h in heads}
+    assert rows[DEFAULT_MODEL] == ["(default)", "346", "MB", "cached"]
+    assert rows["ast-speechcommands"] == ["342", "MB", "not", "cached"]
+    assert rows["audioset-ensemble-s"] == ["1038", "MB", "1/3", "cached"]  # three stride-10 models, one cached
+    assert f"    {default.source}: AST fine-tuned on AudioSet" in done.stdout
+    assert max(map(len, lines)) <= 80
+
+
+def test_ensemble_sizes_are_the_sum_of_their_members():
+    from astcli.model.presets import download_mb, list_presets
+
+    for preset in list_presets():
+        if preset.members:
+            assert download_mb(preset) == sum(download_mb(get_preset(m)) for m in preset.members) > 0
+        else:
+            assert 300 < preset.size_mb < 400  # AST-Base, float32

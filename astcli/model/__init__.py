@@ -1,24 +1,22 @@
-"""The shared model core: configuration, sequence packing, the packed transformer, checkpoint formats."""
+"""The shared model core: configuration, sequence packing, the packed transformer, checkpoint formats.
 
-from astcli.model.checkpoints import load_checkpoint, read_labels, save_checkpoint
-from astcli.model.config import ModelConfig, ast_config, elastic_config
-from astcli.model.packing import Clip, PackedBatch, batch_clips, drop_tokens, fit_frames, pack_clips, patchify
-from astcli.model.transformer import AudioTransformer, resize_grid
+Names load on first use, so that torch-free parts (``presets``, ``hub``) stay quick to import.
+"""
 
-__all__ = [
-    "AudioTransformer",
-    "Clip",
-    "ModelConfig",
-    "PackedBatch",
-    "ast_config",
-    "batch_clips",
-    "drop_tokens",
-    "elastic_config",
-    "fit_frames",
-    "load_checkpoint",
-    "pack_clips",
-    "patchify",
-    "read_labels",
-    "resize_grid",
-    "save_checkpoint",
-]
+_HOMES = {
+    "load_checkpoint": "checkpoints", "read_labels": "checkpoints", "save_checkpoint": "checkpoints",
+    "ModelConfig": "config", "ast_config": "config", "elastic_config": "config",
+    "Clip": "packing", "PackedBatch": "packing", "batch_clips": "packing", "drop_tokens": "packing",
+    "fit_frames": "packing", "pack_clips": "packing", "patchify": "packing",
+    "AudioTransformer": "transformer", "resize_grid": "transformer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'astcli.model' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"astcli.model.{_HOMES[name]}"), name)

@@ -14,7 +14,8 @@ DEFAULT_MODEL = "ast-audioset"
 
 @dataclass(frozen=True)
 class Preset:
-    """One model card: a hub checkpoint (``source`` at ``revision``) or an ensemble of other presets."""
+    """One model card: a hub checkpoint (``source`` at ``revision``) or an ensemble of other presets.
+    ``size_mb``: the download (float32 weights: parameters x 4 bytes, in 10^6 bytes); 0 for an ensemble."""
 
     name: str
     description: str
@@ -22,6 +23,7 @@ class Preset:
     revision: str | None = None
     members: tuple[str, ...] = field(default_factory=tuple)
     classes: str = ""
+    size_mb: int = 0
 
 
 def presets_dir() -> Path:
@@ -33,7 +35,12 @@ def presets_dir() -> Path:
 
 def list_presets() -> list[Preset]:
     """Every card, sorted by name."""
-    return [get_preset(p.stem) for p in sorted(presets_dir().glob("*.toml"))]
+    return [get_preset(name) for name in sorted(p.stem for p in presets_dir().glob("*.toml"))]
+
+
+def download_mb(preset: Preset) -> int:
+    """Megabytes a preset downloads: its own weights, or the sum of its members'."""
+    return preset.size_mb or sum(download_mb(get_preset(m)) for m in preset.members if get_preset(m))
 
 
 def get_preset(name: str) -> Preset | None:
@@ -46,6 +53,7 @@ def get_preset(name: str) -> Preset | None:
         return Preset(
             name=name, description=data.get("description", ""), source=data.get("source"),
             revision=data.get("revision"), members=tuple(data.get("members", ())), classes=data.get("classes", ""),
+            size_mb=int(data.get("size_mb", 0)),
         )
-    except (tomllib.TOMLDecodeError, TypeError) as exc:
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: malformed model card ({exc})") from exc
