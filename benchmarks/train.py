@@ -3,7 +3,7 @@
     python benchmarks/train.py                    # ElasticAST-small, 24 clips of 1-10 s, 2 rounds
     python benchmarks/train.py --depth 4 --clips 16 --repeat 1   # quicker
 
-One training step = forward + BCE loss + backward + Adam step, as in ``astcli.train.loop``. Both modes
+One training step = forward + BCE loss + backward + Adam step, as in ``astcli.train.trainer``. Both modes
 train the same model on the same clips (random features: throughput does not depend on content):
 
 * packed: each clip at its native length (frames cut to a multiple of 16), batches filled up to
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from astcli.model import AudioTransformer, batch_clips, elastic_config, pack_clips, patchify
-from astcli.train.loop import make_optimizer
+from astcli.train.optimization import make_optimizer
 from astcli.train.recipes import Recipe
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from astcli.audio import AUDIO_EXTENSIONS, load_audio
 from astcli.errors import DatasetError
 from astcli.train.datasets import (
     download_esc50,
@@ -183,6 +184,22 @@ def test_folder_layout(tmp_path):
         ("b.FLAC", [1]),
     ]
     assert load_dataset(tmp_path).classes == ["bird", "cat"]
+
+
+def test_folder_reads_every_extension_that_tagging_reads(tmp_path):
+    for name, fmt in (("a.caf", "CAF"), ("b.au", "AU"), ("c.w64", "W64")):
+        path = tmp_path / "real" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, np.zeros(1600, dtype=np.float32), 16000, format=fmt)
+    for ext in AUDIO_EXTENSIONS:  # the one list `ast tag DIR` expands directories with
+        (tmp_path / "listed").mkdir(exist_ok=True)
+        (tmp_path / "listed" / f"clip{ext}").write_bytes(b"")
+    ds = load_folder(tmp_path)
+    assert ds.classes == ["listed", "real"]
+    names = {Path(e.path).name for e in ds.examples}
+    assert {f"clip{ext}" for ext in AUDIO_EXTENSIONS} | {"a.caf", "b.au", "c.w64"} == names
+    real = [e.path for e in ds.examples if e.labels == [1]]
+    assert [load_audio(p).shape[0] for p in real] == [1600, 1600, 1600]
 
 
 def test_folder_without_audio_is_an_error(tmp_path):

@@ -4,6 +4,7 @@ the `train` / `finetune` commands on an ESC-50 layout, DDP on two CPU processes,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -23,10 +24,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from astcli.cli import app
-from astcli.errors import ModelError, UsageError
+from astcli.errors import ModelError, ParameterError, UsageError
 from astcli.model import AudioTransformer, ast_config, elastic_config
-from astcli.train import experiment, loop
-from astcli.train.recipes import Recipe, recipe_for
+from astcli.train import experiment
+from astcli.train.batches import scan_lengths
+from astcli.train.datasets import load_dataset, run_splits
+from astcli.train.logs import TIMING_KEYS
+from astcli.train.optimization import learning_rate
+from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
+from astcli.train.trainer import RunOptions, fit
 
 SR = 16000
 KINDS = ("tone", "noise", "chirp", "clicks")
@@ -113,19 +119,65 @@ def test_recipes_carry_the_paper_defaults_and_take_overrides():
     changed = esc.replace(lr=3e-4, epochs=3, mixup=None)
     assert (changed.lr, changed.epochs, changed.mixup) == (3e-4, 3, 0.0)
     assert Recipe.from_dict(changed.to_dict()) == changed
-    with pytest.raises(UsageError, match="unknown recipe field"):
+    with pytest.raises(ParameterError, match="not a recipe field"):
         esc.replace(learning_rate=1.0)
-    with pytest.raises(UsageError, match="wa-start"):
+    with pytest.raises(ParameterError, match="wa_start") as caught:
         esc.replace(wa_start=3, wa_end=30)
-    with pytest.raises(UsageError, match="mixup"):
+    assert caught.value.parameter == "wa_start"
+    with pytest.raises(ParameterError, match="mixup"):
         esc.replace(mixup=1.5)
+    with pytest.raises(ParameterError) as caught:
+        Recipe(lr=-1).validate()
+    assert (caught.value.parameter, caught.value.problem) == ("lr", "must be positive (got -1)")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        esc.lr = 1.0
 
 
 def test_learning_rate_warms_up_linearly_then_decays_per_epoch_like_ast():
-    r = Recipe(lr=1.0, lr_decay=0.5, lr_decay_start=2)
-    assert loop.learning_rate(r, 1, 1, 4) == 0.25 and loop.learning_rate(r, 1, 3, 4) == 0.75
-    assert loop.learning_rate(r, 1, 4, 4) == 1.0 and loop.learning_rate(r, 2, 99, 4) == 1.0
-    assert loop.learning_rate(r, 3, 99, 4) == 0.5 and loop.learning_rate(r, 5, 99, 0) == 0.125
+    r = Recipe(lr=1.0, lr_decay=0.5, lr_decay_start=2, warmup_steps=4)
+    assert learning_rate(r, 1, 1) == 0.25 and learning_rate(r, 1, 3) == 0.75
+    assert learning_rate(r, 1, 4) == 1.0 and learning_rate(r, 2, 99) == 1.0
+    assert learning_rate(r, 3, 99) == 0.5 and learning_rate(r.replace(warmup_steps=0), 5, 99) == 0.125
+
+
+def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder):
+    ds = load_dataset(small_folder)  # 4 classes x 6 clips of 0.5-1 s
+    samples, errors = scan_lengths([e.path for e in ds.examples])
+    assert not errors
+    split = dataclasses.replace(run_splits(ds, None, 0.25)[0], lengths=samples)
+    assert (len(split.train), len(split.validation)) == (16, 8)  # round(6 x 0.25) = 2 per class held out
+    config = ast_config("tiny", **TINY, num_classes=4)
+    open_recipe = Recipe(batch_size=2, epochs=10)
+    assert set(open_recipe.unresolved()) == {"loss", "balanced", "token_dropout", "window", "mean", "std",
+                                             "batch_tokens", "warmup_steps", "select"}
+    r = resolve_recipe(open_recipe, command="train", config=config, split=split)
+    assert r.unresolved() == []
+    frames = max(1 + (n - 400) // 160 for n in samples)  # 25 ms windows every 10 ms at 16 kHz
+    assert r.window == frames and 48 <= frames <= 98
+    assert (r.loss, r.balanced, r.token_dropout, r.select, r.mean, r.std) == (
+        "ce", False, 0.0, "best", config.mean, config.std)
+    ast_tokens = 12 * ((frames - 16) // 10 + 1) + 2  # 12 frequency patches (stride 10) x time patches + CLS/DIST
+    assert r.batch_tokens == 2 * ast_tokens
+    assert r.warmup_steps == 4  # 16 clips / 2 per batch = 8 steps x 10 epochs = 80; 5 % of 80
+    assert resolve_recipe(open_recipe.replace(grad_accum=3), command="train", config=config,
+                          split=split).warmup_steps == 2  # ceil(8 / 3) x 10 = 30 steps; round(1.5)
+    assert resolve_recipe(open_recipe, command="train", config=config, split=split, world=2).warmup_steps == 2
+    elastic = elastic_config("tiny", **TINY, num_classes=4)
+    assert resolve_recipe(open_recipe, command="train", config=elastic, split=split).token_dropout == 0.1
+    assert resolve_recipe(open_recipe, command="finetune", config=elastic, split=split).token_dropout == 0.0
+    given = Recipe(window=64, loss="bce", balanced=True, token_dropout=0.3, mean=-1.0, std=2.0, batch_tokens=999,
+                   warmup_steps=7, select="last")
+    assert resolve_recipe(given, command="train", config=config, split=split) == given.replace(token_dropout=0.0)
+    assert resolve_recipe(Recipe(wa_start=1, wa_end=2), command="train", config=config, split=split).select == "wa"
+    no_validation = dataclasses.replace(split, validation=())
+    assert resolve_recipe(Recipe(), command="train", config=config, split=no_validation).select == "last"
+    assert resolve_recipe(Recipe(), command="train", config=config, split=dataclasses.replace(
+        split, lengths=None)).window == 1024
+    with pytest.raises(ParameterError, match="ElasticAST") as caught:
+        resolve_recipe(Recipe(random_hop=True), command="train", config=config, split=split)
+    assert caught.value.parameter == "random_hop"
+    with pytest.raises(ParameterError, match="resolve it first"):
+        fit(AudioTransformer(config), split, open_recipe, RunOptions(Path("unused")))
 
 
 # -- learning ------------------------------------------------------------------------------------------
@@ -160,6 +212,8 @@ def test_weight_averaging_is_the_mean_of_the_saved_epoch_weights(small_folder, t
                               num_workers=0, progress=False)
     run = result.runs[0]
     assert run.selected == "wa" and run.epoch == 3
+    recorded = json.loads((tmp_path / "wa" / "run.json").read_text())["resolved_recipe"]
+    assert Recipe.from_dict(recorded).unresolved() == [] and recorded["select"] == "wa"
     epochs = sorted((tmp_path / "wa" / "epochs").glob("*.safetensors"))
     assert [p.name for p in epochs] == ["epoch_002.safetensors", "epoch_003.safetensors"]
     a, b = (load_file(str(p)) for p in epochs)
@@ -229,7 +283,7 @@ def _runner(tmp_path: Path) -> Path:
 def _comparable(out: Path) -> tuple[dict, dict]:
     result = json.loads((out / "result.json").read_text())
     for record in result["history"]:
-        for key in loop.TIMING_KEYS:
+        for key in TIMING_KEYS:
             record.pop(key)
     return result, load_file(str(out / "model" / "model.safetensors"))
 
@@ -317,7 +371,8 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
 
     again = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "-o",
                                 str(tmp_path / "esc"), "--folds", "1"])
-    assert isinstance(again.exception, UsageError) and "--resume" in str(again.exception)
+    assert isinstance(again.exception, ParameterError) and "resume it" in str(again.exception)
+    assert again.exception.parameter == "out_dir"
     resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "esc")])  # every fold done: report
     assert resumed.exit_code == 0 and resumed.output.splitlines()[:7] == lines[:7]
 
@@ -439,7 +494,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_deit_weights_map_onto_ast_offline(offline_hub):
-    from astcli.train.init import DEIT_REPO, init_from_imagenet
+    from astcli.train.imagenet import DEIT_REPO, init_from_imagenet
 
     theirs = _hub_cache(offline_hub, DEIT_REPO, "deit", 384)  # a 24 x 24 grid, as DeiT-B/16-384
     pos = theirs["deit.embeddings.position_embeddings"][0]
@@ -470,7 +525,7 @@ def test_deit_weights_map_onto_ast_offline(offline_hub):
 
 
 def test_vit_weights_map_onto_elastic_offline(offline_hub):
-    from astcli.train.init import VIT_REPO, init_from_imagenet
+    from astcli.train.imagenet import VIT_REPO, init_from_imagenet
 
     theirs = _hub_cache(offline_hub, VIT_REPO, "vit", 224)  # 14 x 14, as ViT-B/16-224
     model = AudioTransformer(elastic_config("tiny", **TINY, num_classes=5))  # 8 x 64 audio grid
@@ -496,7 +551,7 @@ def test_vit_weights_map_onto_elastic_offline(offline_hub):
 
 
 def test_imagenet_weights_missing_from_the_offline_cache_is_a_model_error(offline_hub):
-    from astcli.train.init import init_from_imagenet
+    from astcli.train.imagenet import init_from_imagenet
 
     offline_hub.mkdir()
     started = time.monotonic()

@@ -6,13 +6,14 @@ training run is reproducible and can be resumed exactly.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from astcli.train.seeds import seeded_generator
 
 
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
@@ -110,8 +111,7 @@ class _EpochSampler:
         return self.n
 
     def _generator(self, epoch: int) -> torch.Generator:
-        digest = hashlib.sha256(f"{self.seed}:{epoch}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return seeded_generator(self.seed, epoch)
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "n": self.n}

@@ -1,4 +1,5 @@
-"""Uniform descriptions of training datasets: ESC-50, Speech Commands v2, AudioSet, folders, manifests.
+"""Uniform descriptions of training datasets (ESC-50, Speech Commands v2, AudioSet, folders, manifests) and
+their splits into the training, validation and test examples of each run.
 
 Loaders read metadata and check that audio files exist; decoding happens at training time. A row that
 cannot be used (missing file, unknown label, malformed field) is skipped and counted in
@@ -9,6 +10,7 @@ cannot be used (missing file, unknown label, malformed field) is skipped and cou
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,16 +21,21 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from astcli.audio import AUDIO_EXTENSIONS
 from astcli.console import Progress
-from astcli.errors import DatasetError
+from astcli.errors import DatasetError, ParameterError
 from astcli.files import write_text
+from astcli.train.seeds import seeded_generator
 
 ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".opus"})
 
 
 @dataclass
 class Example:
+    """One clip: its audio file, its class indices and the fold it belongs to (None without folds)."""
+
     path: str
     labels: list[int]  # class indices (one for single-label)
     fold: int | None = None
@@ -36,6 +43,8 @@ class Example:
 
 @dataclass
 class Dataset:
+    """Examples with class names; ``folds`` / ``splits`` say how the dataset is divided where it defines that."""
+
     name: str
     classes: list[str]  # display names, index = class id
     multi_label: bool
@@ -336,3 +345,71 @@ def fold_split(dataset: Dataset, test_fold: int) -> tuple[list[int], list[int]]:
     train = [i for i, e in enumerate(dataset.examples) if e.fold != test_fold]
     test = [i for i, e in enumerate(dataset.examples) if e.fold == test_fold]
     return train, test
+
+
+@dataclass(frozen=True)
+class Split:
+    """The examples of one training run, as indices into ``dataset.examples``: ``train``, ``validation``
+    (evaluated after every epoch) and ``test`` (the final model only). ``fold`` is the held-out fold (None
+    without cross-validation); ``lengths`` are samples per example from the audio headers (None where unknown,
+    or no list at all), which let batches be filled by native length."""
+
+    dataset: Dataset
+    train: tuple[int, ...]
+    validation: tuple[int, ...] = ()
+    test: tuple[int, ...] = ()
+    fold: int | None = None
+    lengths: list[int | None] | None = None
+
+    def without(self, bad: set[int] | dict[int, str]) -> Split:
+        """The same split with the examples in ``bad`` left out of every part."""
+
+        def keep(indices: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(i for i in indices if i not in bad)
+
+        return dataclasses.replace(self, train=keep(self.train), validation=keep(self.validation),
+                                   test=keep(self.test))
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, validation) indices: ``fraction`` of each class (by first label, at least one where a class has
+    two or more examples) held out at random, reproducibly from ``seed``."""
+    if fraction <= 0:
+        return list(range(len(dataset.examples))), []
+    by_class: dict[int, list[int]] = {}
+    for i, e in enumerate(dataset.examples):
+        by_class.setdefault(e.labels[0] if e.labels else -1, []).append(i)
+    gen = seeded_generator(seed, "holdout")
+    val: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        take = round(len(members) * fraction)
+        if len(members) >= 2:
+            take = max(1, min(take, len(members) - 1))
+        order = torch.randperm(len(members), generator=gen).tolist()
+        val += [members[k] for k in order[:take]]
+    held = set(val)
+    return [i for i in range(len(dataset.examples)) if i not in held], sorted(val)
+
+
+def run_splits(dataset: Dataset, folds: list[int] | None, val_fraction: float, seed: int = 0) -> list[Split]:
+    """The runs of an experiment on ``dataset``: one per fold in ``folds`` (None: every fold the dataset
+    defines; []: no cross-validation), each fold holding out that fold for validation; otherwise one run on the
+    dataset's own train / validation / test split (its test split validates when it has no validation split),
+    or ``val_fraction`` of each class held out (:func:`holdout_split`)."""
+    if dataset.folds and folds != []:
+        chosen = folds or dataset.folds
+        missing = [f for f in chosen if f not in dataset.folds]
+        if missing:
+            raise ParameterError("folds", f"names fold {missing[0]}, but {dataset.name} has folds {dataset.folds}")
+        return [Split(dataset, *map(tuple, fold_split(dataset, k)), fold=k) for k in chosen]
+    if folds:
+        raise ParameterError("folds", f"cannot be chosen: {dataset.name} defines no folds")
+    parts = dataset.splits or {}
+    if parts.get("train"):
+        val, test = list(parts.get("validation") or []), list(parts.get("test") or [])
+        if not val:
+            val, test = test, []
+        return [Split(dataset, tuple(parts["train"]), tuple(val), tuple(test))]
+    train, val = holdout_split(dataset, val_fraction, seed)
+    return [Split(dataset, tuple(train), tuple(val))]

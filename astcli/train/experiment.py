@@ -1,5 +1,5 @@
 """Whole experiments behind ``ast train`` and ``ast finetune``: a :class:`RunSpec` becomes a dataset, a recipe
-and one model per fold, each trained by :func:`astcli.train.loop.fit`, then a summary over the folds.
+and one model per fold, each trained by :func:`astcli.train.trainer.fit`, then a summary over the folds.
 
 Entry points: :func:`finetune`, :func:`train` and :func:`resume` run a whole experiment (k-fold where the
 dataset defines folds) into an output directory; :func:`run` runs a saved :class:`RunSpec`.
@@ -19,9 +19,7 @@ Output directory (one ``foldK/`` per fold for folded datasets, the same files at
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -30,55 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as tdist
 
-from astcli import files
-from astcli.console import warn
-from astcli.errors import UsageError
-from astcli.model.config import DEFAULT_STATS, ast_config, elastic_config
-from astcli.model.transformer import AudioTransformer
-from astcli.train.data import _data_window, scan_lengths
-from astcli.train.datasets import Dataset, fold_split, load_dataset
-from astcli.train.loop import (
-    FitResult,
-    _generator,
-    _plain,
-    adapt_window,
-    amp_dtype,
-    derive_seed,
-    fit,
-    unreadable_reporter,
+from astcli.errors import ParameterError, UsageError
+from astcli.train.batches import cached_lengths
+from astcli.train.datasets import load_dataset, run_splits
+from astcli.train.distributed import Distributed, setup_distributed
+from astcli.train.logs import json_safe
+from astcli.train.loop import _atomic_text, _once, _warn
+from astcli.train.models import (
+    ARCHS,
+    INITS,
+    SIZES,
+    architecture,
+    fit_to_recipe,
+    new_model,
+    pretrained_model,
+    with_new_head,
 )
-from astcli.train.recipes import Recipe, recipe_for
-from astcli.train.runtime import Distributed, setup_distributed, stop_on_signals
+from astcli.train.optimization import AMP_MODES, amp_dtype
+from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
+from astcli.train.signals import stop_on_signals
+from astcli.train.trainer import FitResult, RunOptions, fit
 
-ARCHS = ("ast", "elastic")
-SIZES = ("tiny", "small", "base")
-INITS = ("imagenet", "none")
-
-
-# -- clip lengths --------------------------------------------------------------------------------------
-
-
-def _cached_lengths(out_dir: Path, dataset: Dataset, sample_rate: int, dist: Distributed):
-    """``scan_lengths`` of the dataset, cached in ``out_dir/lengths.json`` (rank 0 writes it)."""
-    paths = [e.path for e in dataset.examples]
-    key = hashlib.sha256("\n".join(paths).encode()).hexdigest()
-    cache = out_dir / "lengths.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        if data["key"] == key and data["sample_rate"] == sample_rate:
-            return data["samples"], {int(k): v for k, v in data["errors"].items()}
-    samples, errors = scan_lengths(paths, sample_rate)
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"key": key, "sample_rate": sample_rate, "samples": samples, "errors": errors}
-        files.write_text(cache, json.dumps(payload) + "\n")
-    return samples, errors
-
-
-# -- experiments ---------------------------------------------------------------------------------------
+KINDS = ("finetune", "train")
 
 
 @dataclass
@@ -98,8 +71,20 @@ class RunSpec:
     seed: int = 0
     amp: str = "auto"
 
+    def validate(self) -> None:
+        """Raise ParameterError for a kind, arch, size, init or amp that does not exist or fit together."""
+        choices = [("kind", self.kind, KINDS), ("amp", self.amp, AMP_MODES)]
+        if self.kind == "train":
+            choices += [("arch", self.arch, ARCHS), ("size", self.size, SIZES), ("init", self.init, INITS)]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ParameterError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+        if self.kind == "train" and self.init == "imagenet" and self.size != "base":
+            raise ParameterError("init", f"imagenet needs the base size (ImageNet weights exist only for DeiT-B / "
+                                 f"ViT-B): use size base, or init none for size {self.size}")
+
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
@@ -174,7 +159,7 @@ class TrainResult:
     def summary(self) -> dict:
         mean, std = self.mean_std()
         protocol = self.ast_protocol() if self.folded else None
-        return _plain({
+        return json_safe({
             "metric": self.metric, "mean": mean, "std": std, "runs": [r.to_dict() for r in self.runs],
             "ast_protocol": {"epoch": protocol[0], "mean": protocol[1]} if protocol else None,
             "model": str(self.model_dir),
@@ -186,192 +171,65 @@ def _fmt(value) -> str:
 
 
 class _Experiment:
-    """Builds the dataset, recipe and per-fold models of a RunSpec, and runs its folds."""
+    """The dataset, resolved recipe, splits and base model of a RunSpec, and the run of its folds."""
 
-    def __init__(self, spec: RunSpec, out_dir: Path, dist: Distributed, device: torch.device):
-        self.spec, self.out, self.dist, self.device = spec, out_dir, dist, device
-        if spec.kind not in ("finetune", "train"):
-            raise UsageError(f"unknown run kind {spec.kind!r}")
-        if spec.kind == "train":
-            if spec.arch not in ARCHS:
-                raise UsageError(f"--arch must be one of {', '.join(ARCHS)}")
-            if spec.size not in SIZES:
-                raise UsageError(f"--size must be one of {', '.join(SIZES)}")
-            if spec.init not in INITS:
-                raise UsageError(f"--init must be one of {', '.join(INITS)}")
-            if spec.init == "imagenet" and spec.size != "base":
-                raise UsageError(f"ImageNet weights exist only for the base size (DeiT-B / ViT-B); "
-                                 f"use --size base or --init none for --size {spec.size}")
-        amp_dtype(spec.amp, device)
+    def __init__(self, spec: RunSpec, out_dir: Path, dist: Distributed):
+        self.spec, self.out, self.dist = spec, out_dir, dist
         if not dist.main:
             dist.barrier()  # let rank 0 download / check the data first
-        self.dataset = load_dataset(spec.dataset, spec.data_dir)
+        self.dataset = ds = load_dataset(spec.dataset, spec.data_dir)
         if dist.main:
             dist.barrier()
-        ds = self.dataset
         pretrained = "audioset" if spec.kind == "finetune" else spec.init
-        self.recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label).replace(**spec.overrides)
-        if self.recipe.token_dropout is None:
-            drop = 0.1 if spec.kind == "train" and spec.arch == "elastic" else 0.0
-            self.recipe = self.recipe.replace(token_dropout=drop)
-        self.recipe = self.recipe.replace(loss=self.recipe.loss or ("bce" if ds.multi_label else "ce"),
-                                          balanced=ds.multi_label if self.recipe.balanced is None else None)
-        if spec.kind == "finetune":
-            self.base = self._pretrained()
-            family, sample_rate, hop = self.base.config.family, self.base.config.sample_rate, self.base.config.hop_ms
-        else:
-            self.base = None
-            family = spec.arch
-            sample_rate = int(spec.model_options.get("sample_rate", 16000))
-            hop = float(spec.model_options.get("hop_ms", 10.0))
-        self.samples, errors = None, {}
-        if family == "elastic" or self.recipe.window is None:
-            self.samples, errors = _cached_lengths(self.out, ds, sample_rate, dist)
-        self.scan_bad = {int(i): why for i, why in errors.items()}
-        self.report = unreadable_reporter(quiet=bool(self.scan_bad))  # one warning for the whole run
+        recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label).replace(**spec.overrides)
+        model = pretrained_model(spec.model) if spec.kind == "finetune" else None
+        config = model.config if model is not None else architecture(
+            spec.arch, spec.size, ds.classes, recipe.window, spec.model_options)
+        lengths, self.scan_bad = None, {}
+        if config.family == "elastic" or recipe.window is None:
+            lengths, errors = cached_lengths(out_dir / "lengths.json", ds, config.sample_rate, write=dist.main)
+            self.scan_bad = {int(i): why for i, why in errors.items()}
+        self.report = _once(quiet=bool(self.scan_bad))  # one warning for the whole run
         if self.scan_bad and dist.main:
-            first = next(iter(self.scan_bad.values()))
-            warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({first})")
-        if self.recipe.window is None:
-            usable = [i for i in range(len(ds.examples)) if i not in self.scan_bad]
-            self.recipe = self.recipe.replace(window=_data_window(self.samples, usable, hop, sample_rate))
-        if self.base is None:
-            self.base = self._new_model()
-        self.base = self._fit_to_data(self.base)
+            _warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({next(iter(self.scan_bad.values()))})")
+        splits = run_splits(ds, spec.folds, recipe.val_fraction, spec.seed)
+        self.splits = [dataclasses.replace(s, lengths=lengths).without(self.scan_bad) for s in splits]
+        self.recipe = resolve_recipe(recipe, command=spec.kind, config=config, split=self.splits[0],
+                                     world=dist.world)
+        if model is None:
+            config = architecture(spec.arch, spec.size, ds.classes, self.recipe.window, spec.model_options)
+            model = new_model(config, init=spec.init, seed=spec.seed)
+        self.base = fit_to_recipe(model, self.recipe)
 
-    # -- models
-
-    def _pretrained(self) -> AudioTransformer:
-        """The tagger to fine-tune, as loaded (its head is replaced per fold)."""
-        from astcli.tagger import AudioTagger, load_model
-
-        tagger = load_model(self.spec.model, device="cpu")
-        if not isinstance(tagger, AudioTagger):
-            raise UsageError(f"{self.spec.model}: fine-tuning needs one PyTorch model (not an ensemble or ONNX file)")
-        return tagger.model.float().train()
-
-    def _new_model(self) -> AudioTransformer:
-        """A new architecture for the dataset, from ImageNet weights or random (seeded) initialisation."""
-        spec, ds, window = self.spec, self.dataset, self.recipe.window
-        family = ast_config if spec.arch == "ast" else elastic_config
-        options = dict(num_classes=len(ds.classes), labels=list(ds.classes))
-        if spec.arch == "ast":
-            options["max_frames"] = window
-        else:
-            options["attn_scale"] = True  # new models use the standard 1/sqrt(d) attention scale
-            options["max_frames"] = max(1024, -(-window // 16) * 16)
-        try:
-            config = family(spec.size, **{**options, **spec.model_options})
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"model options: {exc}") from exc
-        torch.manual_seed(derive_seed(spec.seed, "architecture"))
-        model = AudioTransformer(config)
-        if spec.init == "imagenet":
-            from astcli.train.init import init_from_imagenet
-
-            init_from_imagenet(model)
-        return model
-
-    def _fit_to_data(self, model: AudioTransformer) -> AudioTransformer:
-        """Window, statistics and head type for the dataset (the head itself is replaced per fold)."""
-        r, ds = self.recipe, self.dataset
-        if model.config.family == "ast" and r.window != model.config.max_frames:
-            model = adapt_window(model, r.window)
-        c = model.config
-        mean, std = c.mean, c.std
-        if r.mean is not None:
-            mean, std = float(r.mean), float(r.std)
-        elif self.spec.kind == "train" and "mean" not in self.spec.model_options:
-            mean, std = DEFAULT_STATS[c.family]
-        loss = r.loss or ("bce" if ds.multi_label else "ce")
-        model.config = dataclasses.replace(c, mean=mean, std=std, multi_label=loss == "bce")
-        return model
-
-    def model_for(self, fold: int | None) -> AudioTransformer:
-        """A fresh copy of the base model with a new head for the dataset's classes (seeded per fold)."""
-        torch.manual_seed(derive_seed(self.spec.seed, fold, "head"))
+    def run(self, options: RunOptions) -> TrainResult:
+        """Train every fold not done yet (a fold with ``result.json`` is read back), then copy the first fold's
+        model to ``model/`` and write ``summary.json``; stop early when a fold is interrupted."""
         ds = self.dataset
-        return self.base.with_head(len(ds.classes), ds.classes, self.base.config.multi_label)
-
-    # -- splits
-
-    def splits(self) -> list[tuple[int | None, list[int], list[int], list[int]]]:
-        """(fold, train, validation, test) index lists of every run."""
-        ds, spec = self.dataset, self.spec
-        if ds.folds and spec.folds != []:
-            folds = spec.folds or ds.folds
-            missing = [f for f in folds if f not in ds.folds]
-            if missing:
-                raise UsageError(f"{ds.name} has folds {ds.folds}; no fold {missing[0]}")
-            return [(k, *fold_split(ds, k), []) for k in folds]
-        if spec.folds:
-            raise UsageError(f"{ds.name} defines no folds; leave out --folds")
-        if ds.splits and ds.splits.get("train"):
-            val = list(ds.splits.get("validation") or [])
-            test = list(ds.splits.get("test") or [])
-            if not val:
-                val, test = test, []
-            return [(None, list(ds.splits["train"]), val, test)]
-        return [(None, *holdout_split(ds, self.recipe.val_fraction, self.spec.seed), [])]
-
-    # -- running
-
-    def run(self, *, num_workers, progress, stop, on_epoch_end, on_step) -> TrainResult:
-        spec, ds = self.spec, self.dataset
         runs: list[FitResult] = []
-        folded = bool(ds.folds) and spec.folds != []
+        folded = any(s.fold is not None for s in self.splits)
         metric = "mAP" if ds.multi_label else "top1"
-        splits = self.splits()
-        for fold, train_idx, val_idx, test_idx in splits:
-            out = self.out / f"fold{fold}" if folded else self.out
+        for split in self.splits:
+            out = self.out / f"fold{split.fold}" if folded else self.out
             done = out / "result.json"
             if done.is_file():
                 runs.append(FitResult.from_dict(out, json.loads(done.read_text(encoding="utf-8"))))
                 continue
-            bad = self.scan_bad
-            result = fit(self.model_for(fold), ds, self.recipe, out, train_idx=[i for i in train_idx if i not in bad],
-                         val_idx=[i for i in val_idx if i not in bad], test_idx=[i for i in test_idx if i not in bad],
-                         fold=fold, seed=spec.seed, amp=spec.amp, device=self.device, num_workers=num_workers,
-                         progress=progress, resume=True, stop=stop, on_epoch_end=on_epoch_end, on_step=on_step,
-                         lengths=self.samples, report=self.report)
-            result.bad_clips += len(bad)
+            model = with_new_head(self.base, ds.classes, self.spec.seed, split.fold)
+            result = fit(model, split, self.recipe, dataclasses.replace(options, out_dir=out, report=self.report))
+            result.bad_clips += len(self.scan_bad)
             runs.append(result)
             if result.interrupted:
-                return TrainResult(self.out, runs, metric, folded, interrupted=True, signum=stop.signum)
+                stop = options.stop
+                return TrainResult(self.out, runs, metric, folded, interrupted=True, signum=stop and stop.signum)
         result = TrainResult(self.out, runs, metric, folded)
         if self.dist.main:
             if folded:
                 first = runs[0].out_dir / "model"
-                if self.model_dir_missing(first):
+                if not (first / "model.safetensors").is_file():
                     raise UsageError(f"{first}: the first fold's model is missing")
                 shutil.copytree(first, self.out / "model", dirs_exist_ok=True)
-            files.write_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+            _atomic_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
         return result
-
-    @staticmethod
-    def model_dir_missing(path: Path) -> bool:
-        return not (path / "model.safetensors").is_file()
-
-
-def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: ``fraction`` of each class (by first label, at least one where a class has
-    two or more examples) held out at random, reproducibly from ``seed``."""
-    if fraction <= 0:
-        return list(range(len(dataset.examples))), []
-    by_class: dict[int, list[int]] = {}
-    for i, e in enumerate(dataset.examples):
-        by_class.setdefault(e.labels[0] if e.labels else -1, []).append(i)
-    gen = _generator(seed, "holdout")
-    val: list[int] = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        take = round(len(members) * fraction)
-        if len(members) >= 2:
-            take = max(1, min(take, len(members) - 1))
-        order = torch.randperm(len(members), generator=gen).tolist()
-        val += [members[k] for k in order[:take]]
-    held = set(val)
-    return [i for i in range(len(dataset.examples)) if i not in held], sorted(val)
 
 
 def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None, num_workers: int | None = None,
@@ -386,20 +244,22 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None
     try:
         meta = out / "run.json"
         if not resume and meta.is_file():
-            raise UsageError(f"{out} already holds a training run: continue it with --resume {out}, "
-                             "or choose another output directory")
-        if progress is None:
-            progress = sys.stderr.isatty()
+            raise ParameterError("out_dir", f"already holds a training run ({out}): resume it, or choose another "
+                                 "output directory")
+        spec.validate()
+        amp_dtype(spec.amp, dev)  # fp16 without a GPU fails before any file is written
         with stop_on_signals() as stop:
-            experiment = _Experiment(spec, out, dist, dev)
+            experiment = _Experiment(spec, out, dist)
             if dist.main:
                 out.mkdir(parents=True, exist_ok=True)
                 payload = {**spec.to_dict(), "resolved_recipe": experiment.recipe.to_dict(),
                            "dataset_name": experiment.dataset.name, "classes": experiment.dataset.classes}
-                files.write_text(meta, json.dumps(_plain(payload), indent=2) + "\n")
+                _atomic_text(meta, json.dumps(json_safe(payload), indent=2) + "\n")
             dist.barrier()
-            return experiment.run(num_workers=num_workers, progress=progress, stop=stop,
-                                  on_epoch_end=on_epoch_end, on_step=on_step)
+            options = RunOptions(out, seed=spec.seed, amp=spec.amp, device=dev, num_workers=num_workers,
+                                 progress=sys.stderr.isatty() if progress is None else progress, stop=stop,
+                                 on_epoch_end=on_epoch_end, on_step=on_step)
+            return experiment.run(options)
     finally:
         if dist.owned and tdist.is_initialized():
             tdist.destroy_process_group()

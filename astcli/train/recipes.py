@@ -24,21 +24,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from astcli.errors import UsageError
+from astcli.errors import ParameterError
+from astcli.model.config import ModelConfig
+from astcli.train.batches import batches_per_epoch, data_window, window_tokens
+from astcli.train.datasets import Split
 
 LOSSES = ("ce", "bce")
 OPTIMIZERS = ("adam", "adamw")
 SELECTIONS = ("last", "best", "wa")
 PRETRAINED = ("audioset", "imagenet", "none")
+DERIVED = ("loss", "balanced", "token_dropout", "window", "mean", "std", "batch_tokens", "warmup_steps", "select")
 
 ESC50_STATS = (-6.6268077, 5.358466)
 SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
 AUDIOSET_STATS = (-4.2677393, 4.5689974)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters of one training run. ``None`` means "derive it" (see each field)."""
+    """Hyper-parameters of one training run (immutable: ``replace`` makes a changed copy). ``None`` means
+    "derive it" (see each field); :func:`resolve_recipe` derives all of them at once for a run."""
 
     name: str = "custom"
     lr: float = 1e-4
@@ -79,7 +84,7 @@ class Recipe:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise UsageError(f"unknown recipe field(s): {', '.join(unknown)}")
+            raise ParameterError(unknown[0], f"is not a recipe field (fields: {', '.join(sorted(known))})")
         changes = {k: v for k, v in overrides.items() if v is not None}
         for key in ("betas", "noise_snr", "hop_choices"):
             if key in changes:
@@ -89,43 +94,52 @@ class Recipe:
         return out
 
     def validate(self) -> None:
-        """Raise UsageError for values that cannot work."""
-
-        def need(ok: bool, message: str) -> None:
+        """Raise :class:`~astcli.errors.ParameterError`, naming the field, for a value that cannot work."""
+        for field_name, ok, problem in self._checks():
             if not ok:
-                raise UsageError(message)
+                raise ParameterError(field_name, problem)
 
-        need(self.lr > 0, f"--lr must be positive (got {self.lr:g})")
-        need(self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
-        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        need(self.batch_tokens is None or self.batch_tokens >= 1, "--batch-tokens must be at least 1")
-        need(self.window is None or self.window >= 16, "--window must be at least 16 frames")
-        need(self.freqm >= 0 and self.timem >= 0, "SpecAugment masks must be >= 0")
-        need(self.reference_frames >= 1, "reference frames must be >= 1")
-        need(0.0 <= self.mixup <= 1.0, f"--mixup is a probability in [0, 1] (got {self.mixup:g})")
-        need(self.mixup_alpha > 0, "mixup alpha must be positive")
-        need(self.loss in (None, *LOSSES), f"--loss must be one of {', '.join(LOSSES)}")
-        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two values in [0, 1)")
-        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
-        need(self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be >= 0")
-        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1] (got {self.lr_decay:g})")
-        need(self.lr_decay_start >= 0, "--lr-decay-start must be >= 0")
-        need((self.mean is None) == (self.std is None), "--mean and --std go together")
-        need(self.std is None or self.std > 0, "--std must be positive")
-        need(0.0 <= self.background_noise <= 1.0, "--background-noise is a probability in [0, 1]")
-        need(self.token_dropout is None or 0.0 <= self.token_dropout < 1.0, "--token-dropout must be in [0, 1)")
-        need(len(self.hop_choices) >= 1 and all(1 <= h <= 100 for h in self.hop_choices),
-             "hop choices must lie between 1 and 100 ms")
-        need((self.wa_start is None) == (self.wa_end is None), "--wa-start and --wa-end go together")
-        if self.wa_start is not None:
-            need(1 <= self.wa_start <= self.wa_end <= self.epochs,
-                 f"weight averaging needs 1 <= --wa-start <= --wa-end <= --epochs ({self.epochs})")
-        need(self.select in (None, *SELECTIONS), f"--select must be one of {', '.join(SELECTIONS)}")
-        need(self.select != "wa" or self.wa_start is not None, "--select wa needs --wa-start and --wa-end")
-        need(self.grad_accum >= 1, "--grad-accum must be at least 1")
-        need(self.clip_grad is None or self.clip_grad > 0, "--clip-grad must be positive")
-        need(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)")
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, problem when it does not) for every rule a recipe must follow."""
+        wa_range = self.wa_start is None or (1 <= self.wa_start <= (self.wa_end or 0) <= self.epochs)
+        return [
+            ("lr", self.lr > 0, f"must be positive (got {self.lr:g})"),
+            ("epochs", self.epochs >= 1, f"must be at least 1 (got {self.epochs})"),
+            ("batch_size", self.batch_size >= 1, f"must be at least 1 (got {self.batch_size})"),
+            ("batch_tokens", self.batch_tokens is None or self.batch_tokens >= 1, "must be at least 1"),
+            ("window", self.window is None or self.window >= 16, f"must be at least 16 frames (got {self.window})"),
+            ("freqm", self.freqm >= 0, f"must be >= 0 (got {self.freqm})"),
+            ("timem", self.timem >= 0, f"must be >= 0 (got {self.timem})"),
+            ("reference_frames", self.reference_frames >= 1, "must be at least 1"),
+            ("mixup", 0.0 <= self.mixup <= 1.0, f"is a probability in [0, 1] (got {self.mixup:g})"),
+            ("mixup_alpha", self.mixup_alpha > 0, "must be positive"),
+            ("loss", self.loss in (None, *LOSSES), f"must be one of {', '.join(LOSSES)} (got {self.loss!r})"),
+            ("optimizer", self.optimizer in OPTIMIZERS,
+             f"must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two values in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0"),
+            ("lr_decay", 0 < self.lr_decay <= 1, f"must be in (0, 1] (got {self.lr_decay:g})"),
+            ("lr_decay_start", self.lr_decay_start >= 0, "must be >= 0"),
+            ("mean", (self.mean is None) == (self.std is None), "and std go together"),
+            ("std", self.std is None or self.std > 0, "must be positive"),
+            ("background_noise", 0.0 <= self.background_noise <= 1.0, "is a probability in [0, 1]"),
+            ("token_dropout", self.token_dropout is None or 0.0 <= self.token_dropout < 1.0, "must be in [0, 1)"),
+            ("hop_choices", len(self.hop_choices) >= 1 and all(1 <= h <= 100 for h in self.hop_choices),
+             "must lie between 1 and 100 ms"),
+            ("wa_start", (self.wa_start is None) == (self.wa_end is None), "and wa_end go together"),
+            ("wa_start", wa_range, f"must satisfy 1 <= wa_start <= wa_end <= epochs ({self.epochs})"),
+            ("select", self.select in (None, *SELECTIONS),
+             f"must be one of {', '.join(SELECTIONS)} (got {self.select!r})"),
+            ("select", self.select != "wa" or self.wa_start is not None, "wa needs wa_start and wa_end"),
+            ("grad_accum", self.grad_accum >= 1, "must be at least 1"),
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be positive"),
+            ("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)"),
+        ]
+
+    def unresolved(self) -> list[str]:
+        """The "derive it" fields that are still ``None`` (none once :func:`resolve_recipe` has run)."""
+        return [name for name in DERIVED if getattr(self, name) is None]
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary (tuples become lists)."""
@@ -144,7 +158,7 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
     "imagenet" or "none"; it only changes the learning rate where the papers did.
     """
     if pretrained not in PRETRAINED:
-        raise UsageError(f"pretrained must be one of {', '.join(PRETRAINED)}")
+        raise ParameterError("pretrained", f"must be one of {', '.join(PRETRAINED)} (got {pretrained!r})")
     from_tagger = pretrained == "audioset"
     key = dataset.lower().replace("-", "").replace("_", "")
     if key == "esc50":
@@ -171,3 +185,65 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
         name="custom", lr=1e-5 if from_tagger else 1e-4, epochs=10, batch_size=32, window=None, freqm=24,
         timem=48, reference_frames=512, mixup=0.0, loss="bce" if multi_label else "ce", warmup_steps=None,
     )
+
+
+# -- one place where every "derive it" default is decided ----------------------------------------------
+
+COMMANDS = ("finetune", "train")
+ELASTIC_TRAIN_TOKEN_DROPOUT = 0.1  # ElasticAST (Feng et al. 2024) drops 10 % of the tokens in training
+WARMUP_SHARE, WARMUP_MAX = 0.05, 1000  # warm-up over ~5 % of all steps, at most AST's 1000
+
+
+def window_config(config: ModelConfig, window: int) -> ModelConfig:
+    """The model configuration a run trains at ``window`` frames: AST's padded window becomes ``window``;
+    ElasticAST keeps its configuration (``window`` caps clip lengths, up to its ``max_frames``)."""
+    if not config.pads_to_window or config.max_frames == window:
+        return config
+    return dataclasses.replace(config, max_frames=int(window))
+
+
+def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: Split, world: int = 1) -> Recipe:
+    """``recipe`` with every ``None`` ("derive it") field decided, for ``command`` ("finetune" or "train")
+    training a model configured as ``config`` on the first run's ``split`` (its dataset decides the loss and
+    sampling, its clip lengths the window and the warm-up) on ``world`` processes:
+
+    ==============  ============================================================================================
+    loss            "bce" for multi-label data, else "ce"
+    balanced        on for multi-label data
+    token_dropout   0.1 for a new ElasticAST (``train``), else 0; always 0 for AST
+    window          the longest clip (frames at the model's hop), 16 to 1024; 1024 without clip lengths
+    mean, std       the model's own statistics (``config.mean`` / ``config.std``)
+    batch_tokens    ``batch_size`` clips of the full window
+    warmup_steps    min(1000, round(5 % of all optimizer steps)), steps counted at the model's hop
+    select          "wa" with weight averaging, else "best" with a validation split, else "last"
+    ==============  ============================================================================================
+
+    Raises ParameterError where the recipe does not fit the model (``random_hop`` with AST)."""
+    if command not in COMMANDS:
+        raise ParameterError("command", f"must be one of {', '.join(COMMANDS)} (got {command!r})")
+    elastic = config.family == "elastic"
+    if recipe.random_hop and not elastic:
+        raise ParameterError("random_hop", "is for ElasticAST models (AST was trained at a 10 ms hop)")
+    multi_label = split.dataset.multi_label
+    window = recipe.window
+    if window is None:
+        every = range(len(split.dataset.examples))
+        window = data_window(split.lengths or [None] * len(every), every, config.hop_ms, config.sample_rate)
+    fitted = window_config(config, window)
+    dropout = recipe.token_dropout if recipe.token_dropout is not None else (
+        ELASTIC_TRAIN_TOKEN_DROPOUT if command == "train" else 0.0)
+    resolved = recipe.replace(
+        loss=recipe.loss or ("bce" if multi_label else "ce"),
+        balanced=multi_label if recipe.balanced is None else recipe.balanced,
+        token_dropout=dropout if elastic else 0.0,
+        window=window,
+        mean=config.mean if recipe.mean is None else recipe.mean,
+        std=config.std if recipe.std is None else recipe.std,
+        batch_tokens=recipe.batch_tokens or recipe.batch_size * window_tokens(fitted, window),
+        select=recipe.select or ("wa" if recipe.wa_start is not None else ("best" if split.validation else "last")),
+    )
+    if resolved.warmup_steps is None:
+        batches = batches_per_epoch(fitted, split, window=window, budget=resolved.batch_tokens, world=world)
+        steps = -(-batches // resolved.grad_accum) * resolved.epochs
+        resolved = resolved.replace(warmup_steps=min(WARMUP_MAX, round(WARMUP_SHARE * steps)))
+    return resolved

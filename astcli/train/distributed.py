@@ -1,18 +1,13 @@
-"""The process a training run lives in: its place in a ``torchrun`` job (rank, world, process group) and the
-SIGINT/SIGTERM handling that lets a run stop after the current step with its state saved."""
+"""Distributed membership: this process's place in a ``torchrun`` job (rank, world size, process group), and the
+collective calls the trainer needs to keep every rank in step."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
-
-# -- distributed ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -64,48 +59,10 @@ def setup_distributed(device: str | None = None) -> tuple[Distributed, torch.dev
     return Distributed(tdist.get_rank(), tdist.get_world_size(), local, owned), dev
 
 
-def _any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
+def any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (an all-reduce MAX; no call when not distributed)."""
     if not dist.active:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-# -- signals -------------------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes the current step, saves its state and returns."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals(flag: StopFlag | None = None):
-    """Install SIGINT/SIGTERM handlers that set a :class:`StopFlag` (a second SIGINT interrupts at once);
-    the previous handlers come back on exit. Outside the main thread nothing is installed."""
-    flag = flag or StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag.request(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

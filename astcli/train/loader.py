@@ -1,36 +1,23 @@
-"""Dataset examples -> packed training batches: the per-batch plans (example indices, hops, seeds), the
-clip pipeline that runs in the DataLoader workers (decode, mixup, noise, fbank, SpecAugment, fit to the window,
-normalise, patchify, token dropout, pack), and clip lengths read from the audio headers."""
+"""Batch plans -> packed batches, in DataLoader worker processes: decode, mixup, background noise, fbank,
+SpecAugment, fit to the window, normalise, patchify, token dropout, pack."""
 
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from astcli.audio import audio_info, load_audio
+from astcli.audio import load_audio
 from astcli.errors import AudioError
-from astcli.features import fbank, frames_for_samples, normalize
+from astcli.features import fbank, normalize
 from astcli.model.config import ModelConfig
 from astcli.model.packing import Clip, PackedBatch, drop_tokens, fit_frames, pack_clips, patchify
 from astcli.train.augment import add_noise, feature_noise, mixup, sample_mixup_lambda, spec_augment
-from astcli.train.datasets import Dataset
+from astcli.train.batches import BatchPlan, clip_cap
+from astcli.train.datasets import Split
 from astcli.train.recipes import Recipe
-
-# -- data ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BatchPlan:
-    """One batch: example indices, the hop (ms) of each clip and a seed per clip; ``train`` augments."""
-
-    indices: list[int]
-    hops: list[float]
-    seeds: list[int]
-    train: bool
 
 
 @dataclass
@@ -46,22 +33,22 @@ class LoadedBatch:
 
 
 class ClipMaker:
-    """Example index -> features, in the data workers: decode, mixup (on waveforms, as AST), background
-    noise, fbank at the clip's hop, truncation to the cap, fit to the window (AST pads raw zeros, as the
-    reference), normalisation, SpecAugment on the clip's own frames (masks set to 0 = the dataset mean, with
-    the time mask scaled to the clip's length), feature noise, patches, token dropout; then packing."""
+    """Example index -> features, in the data workers: decode, mixup (on waveforms, as AST; partners drawn from
+    the training examples), background noise, fbank at the clip's hop, truncation to the cap, fit to the window
+    (AST pads raw zeros, as the reference), normalisation, SpecAugment on the clip's own frames (masks set to
+    0 = the dataset mean, with the time mask scaled to the clip's length), feature noise, patches, token
+    dropout; then packing. ``recipe`` must be resolved (no ``None`` window or token dropout)."""
 
-    def __init__(self, dataset: Dataset, config: ModelConfig, recipe: Recipe, *, cap_frames: int,
-                 token_dropout: float, mix_pool: list[int]):
+    def __init__(self, split: Split, config: ModelConfig, recipe: Recipe):
+        dataset = split.dataset
         self.paths = [e.path for e in dataset.examples]
         self.labels = [list(e.labels) for e in dataset.examples]
         self.num_classes = len(dataset.classes)
         self.noise_files = list(dataset.noise_files)
         self.config = config
         self.recipe = recipe
-        self.cap = cap_frames
-        self.token_dropout = token_dropout
-        self.mix_pool = mix_pool
+        self.cap = clip_cap(config, recipe.window)
+        self.mix_pool = list(split.train)
         self._noise_cache: dict[str, torch.Tensor] = {}
 
     def target(self, index: int) -> torch.Tensor:
@@ -100,8 +87,8 @@ class ClipMaker:
         if train and r.noise:
             x = feature_noise(x, gen)
         clip = patchify(x, c)
-        if train and self.token_dropout > 0:
-            clip = drop_tokens(clip, self.token_dropout, gen)
+        if train and r.token_dropout > 0:
+            clip = drop_tokens(clip, r.token_dropout, gen)
         return clip, target
 
     def __call__(self, plan: BatchPlan) -> LoadedBatch:
@@ -141,35 +128,12 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(maker: ClipMaker, plans: list[BatchPlan], num_workers: int) -> DataLoader:
-    """Batches computed in ``num_workers`` processes (in order), so decoding overlaps training."""
+def load_batches(maker: ClipMaker, plans: list[BatchPlan], num_workers: int) -> DataLoader:
+    """An iterable of the :class:`LoadedBatch` of each plan, in order, computed in ``num_workers`` processes
+    (0: in this one) so that decoding overlaps training."""
     workers = min(num_workers, len(plans))
     return DataLoader(
         _PlanDataset(maker, plans), batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
         prefetch_factor=2 if workers else None, generator=torch.Generator(),
     )
-
-
-def scan_lengths(paths: list[str], sample_rate: int = 16000, threads: int = 8) -> tuple[list[int | None], dict]:
-    """Samples per clip at ``sample_rate`` from the audio headers (no decoding); None and a reason where a
-    file cannot be opened."""
-
-    def one(path: str):
-        try:
-            info = audio_info(path)
-        except AudioError as exc:
-            return None, str(exc)
-        return round(info.frames * sample_rate / info.sample_rate), None
-
-    with ThreadPoolExecutor(threads) as pool:
-        found = list(pool.map(one, paths))
-    samples = [s for s, _ in found]
-    errors = {i: why for i, (_, why) in enumerate(found) if why}
-    return samples, errors
-
-
-def _data_window(samples: list[int | None], indices: list[int], hop_ms: float, sample_rate: int) -> int:
-    """Frames of the longest clip among ``indices`` (at least 16, at most 1024)."""
-    frames = [frames_for_samples(samples[i], hop_ms, sample_rate) for i in indices if samples[i]]
-    return int(min(1024, max(16, max(frames, default=1024))))

@@ -1,0 +1,122 @@
+"""Training state on disk: the resumable checkpoint of a fit (``state.pt``), per-epoch weights and their average.
+
+``state.pt`` holds everything an exact resume needs (weights, optimizer, gradient scaler, sampler, torch RNG
+state, where the run stands) as tensors and primitives, so it loads with ``torch.load(weights_only=True)``.
+Every file is written to a temporary name, synced and renamed, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from astcli.errors import UsageError
+from astcli.train.loop import _atomic_torch, _fsync_replace
+
+STATE_VERSION = 2
+
+
+def _fresh_partial() -> dict:
+    return {"loss_sum": 0.0, "clips": 0, "tokens": 0, "seconds": 0.0}
+
+
+@dataclass
+class TrainingState:
+    """Where a fit stands: ``epoch`` finished epochs, ``batch`` batches of the next one done, ``step`` optimizer
+    steps; ``partial`` the running sums of the epoch in progress (loss_sum, clips, tokens, seconds); ``history``
+    one record per finished epoch; ``best`` the best validation value and its epoch; ``bad`` the examples that
+    failed to decode, with the reason."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    partial: dict = field(default_factory=_fresh_partial)
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "value": -math.inf})
+    bad: dict[int, str] = field(default_factory=dict)
+
+    def next_epoch(self, epoch: int) -> None:
+        """Mark ``epoch`` finished: the batch count and running sums start again."""
+        self.epoch, self.batch, self.partial = epoch, 0, _fresh_partial()
+
+
+def rng_state() -> dict:
+    """The global torch RNG states (CPU, and every CUDA device when there is one): what dropout and
+    initialisation draw from, so that a resumed run draws the same numbers."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, progress: TrainingState, parts: dict, data: dict) -> None:
+    """Write ``state.pt``: ``progress``, the ``state_dict()`` of each object in ``parts`` (model, optimizer,
+    sampler, ...; None is saved as empty), the torch RNG state, and ``data`` (sizes of the split, checked on
+    resume)."""
+    state = {
+        "version": STATE_VERSION, "epoch": progress.epoch, "batch": progress.batch, "step": progress.step,
+        "partial": dict(progress.partial), "history": progress.history, "best": dict(progress.best),
+        "bad": {int(k): v for k, v in progress.bad.items()}, "rng": rng_state(), "data": dict(data),
+        "parts": {name: part.state_dict() if part is not None else {} for name, part in parts.items()},
+    }
+    _atomic_torch(state, path)
+
+
+def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
+    """Load ``state.pt`` into the objects of ``parts`` and the torch RNG and return where the fit stood; None
+    when there is no file. Raises UsageError for an unreadable file, another version, or a state saved for
+    another split (``data`` differs)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: say so in one line
+        raise UsageError(f"{path}: cannot read the training state ({type(exc).__name__})") from exc
+    if state.get("version") != STATE_VERSION:
+        raise UsageError(f"{path}: training state version {state.get('version')} is not supported")
+    if state["data"] != data:
+        raise UsageError(f"{path}: saved for a different dataset split; resume with the same data")
+    for name, part in parts.items():
+        if part is not None and state["parts"][name]:
+            part.load_state_dict(state["parts"][name])
+    set_rng_state(state["rng"])
+    return TrainingState(state["epoch"], state["batch"], state["step"], dict(state["partial"]),
+                         list(state["history"]), dict(state["best"]), {int(k): v for k, v in state["bad"].items()})
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as float32 safetensors at ``path`` (written atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, str(tmp))
+    _fsync_replace(tmp, path)
+
+
+def epoch_weights(out_dir: Path, epoch: int) -> Path:
+    """Where the weights of ``epoch`` are kept for weight averaging."""
+    return out_dir / "epochs" / f"epoch_{epoch:03d}.safetensors"
+
+
+def average_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of saved state dicts (AST's weight averaging), accumulated in float64.
+
+    Raises UsageError when ``files`` is empty or one is missing."""
+    if not files:
+        raise UsageError("weight averaging found no saved epoch weights")
+    total: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"weight averaging needs {path}, which is missing")
+        for key, value in load_file(str(path)).items():
+            total[key] = total[key] + value.double() if key in total else value.double()
+    return {k: (v / len(files)).float() for k, v in total.items()}
