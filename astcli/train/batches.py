@@ -150,22 +150,25 @@ def scan_lengths(paths: list[str], sample_rate: int = 16000, threads: int = 8) -
     return samples, errors
 
 
-def cached_lengths(cache: Path, dataset: Dataset, sample_rate: int, *,
-                   write: bool) -> tuple[list[int | None], dict[int, str]]:
-    """:func:`scan_lengths` of ``dataset``, reused from the JSON file ``cache`` when it was written for the same
-    file list and sample rate; otherwise scanned and, when ``write``, stored there (atomically)."""
-    paths = [e.path for e in dataset.examples]
-    key = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+def _lengths_key(dataset: Dataset) -> str:
+    return hashlib.sha256("\n".join(e.path for e in dataset.examples).encode()).hexdigest()
+
+
+def cached_lengths(cache: Path, dataset: Dataset, sample_rate: int) -> tuple[list[int | None], dict[int, str]]:
+    """:func:`scan_lengths` of ``dataset``, read from the JSON file ``cache`` when :func:`save_lengths` wrote it
+    for the same file list and sample rate, scanned otherwise."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads(cache.read_text(encoding="utf-8"))
-        if data["key"] == key and data["sample_rate"] == sample_rate:
+        if data["key"] == _lengths_key(dataset) and data["sample_rate"] == sample_rate:
             return data["samples"], {int(k): v for k, v in data["errors"].items()}
-    samples, errors = scan_lengths(paths, sample_rate)
-    if write:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"key": key, "sample_rate": sample_rate, "samples": samples, "errors": errors}
-        _atomic_text(cache, json.dumps(payload) + "\n")
-    return samples, errors
+    return scan_lengths([e.path for e in dataset.examples], sample_rate)
+
+
+def save_lengths(cache: Path, dataset: Dataset, sample_rate: int, samples: list[int | None],
+                 errors: dict[int, str]) -> None:
+    """Write what :func:`cached_lengths` returned to ``cache`` (atomically) for the next run on the same files."""
+    payload = {"key": _lengths_key(dataset), "sample_rate": sample_rate, "samples": samples, "errors": errors}
+    _atomic_text(cache, json.dumps(payload) + "\n")
 
 
 def data_window(samples: list[int | None], indices: list[int], hop_ms: float, sample_rate: int) -> int:

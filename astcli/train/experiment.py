@@ -31,7 +31,7 @@ import numpy as np
 import torch.distributed as tdist
 
 from astcli.errors import ParameterError, UsageError
-from astcli.train.batches import cached_lengths
+from astcli.train.batches import cached_lengths, save_lengths
 from astcli.train.datasets import load_dataset, run_splits
 from astcli.train.distributed import Distributed, setup_distributed
 from astcli.train.logs import json_safe
@@ -185,21 +185,33 @@ class _Experiment:
         model = pretrained_model(spec.model) if spec.kind == "finetune" else None
         config = model.config if model is not None else architecture(
             spec.arch, spec.size, ds.classes, recipe.window, spec.model_options)
-        lengths, self.scan_bad = None, {}
-        if config.family == "elastic" or recipe.window is None:
-            lengths, errors = cached_lengths(out_dir / "lengths.json", ds, config.sample_rate, write=dist.main)
-            self.scan_bad = {int(i): why for i, why in errors.items()}
-        self.report = _once(quiet=bool(self.scan_bad))  # one warning for the whole run
-        if self.scan_bad and dist.main:
-            _warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({next(iter(self.scan_bad.values()))})")
         splits = run_splits(ds, spec.folds, recipe.val_fraction, spec.seed)
-        self.splits = [dataclasses.replace(s, lengths=lengths).without(self.scan_bad) for s in splits]
+        self.lengths, self.scan_bad = None, {}
+        if config.family == "elastic" or recipe.window is None:
+            self.lengths, self.scan_bad = cached_lengths(out_dir / "lengths.json", ds, config.sample_rate)
+        self.splits = [dataclasses.replace(s, lengths=self.lengths).without(self.scan_bad) for s in splits]
         self.recipe = resolve_recipe(recipe, command=spec.kind, config=config, split=self.splits[0],
                                      world=dist.world)
         if model is None:
             config = architecture(spec.arch, spec.size, ds.classes, self.recipe.window, spec.model_options)
             model = new_model(config, init=spec.init, seed=spec.seed)
         self.base = fit_to_recipe(model, self.recipe)
+        self.report = _once(quiet=bool(self.scan_bad))  # one warning for the whole run
+
+    def save(self) -> None:
+        """Write ``run.json`` (the spec and what it resolved to) and ``lengths.json`` (rank 0 only), and warn
+        about the clips the header scan found unreadable."""
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        ds = self.dataset
+        payload = {**self.spec.to_dict(), "resolved_recipe": self.recipe.to_dict(), "dataset_name": ds.name,
+                   "classes": ds.classes}
+        _atomic_text(self.out / "run.json", json.dumps(json_safe(payload), indent=2) + "\n")
+        if self.lengths is not None:
+            save_lengths(self.out / "lengths.json", ds, self.base.config.sample_rate, self.lengths, self.scan_bad)
+        if self.scan_bad:
+            _warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({next(iter(self.scan_bad.values()))})")
 
     def run(self, options: RunOptions) -> TrainResult:
         """Train every fold not done yet (a fold with ``result.json`` is read back), then copy the first fold's
@@ -250,11 +262,7 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None
         amp_dtype(spec.amp, dev)  # fp16 without a GPU fails before any file is written
         with stop_on_signals() as stop:
             experiment = _Experiment(spec, out, dist)
-            if dist.main:
-                out.mkdir(parents=True, exist_ok=True)
-                payload = {**spec.to_dict(), "resolved_recipe": experiment.recipe.to_dict(),
-                           "dataset_name": experiment.dataset.name, "classes": experiment.dataset.classes}
-                _atomic_text(meta, json.dumps(json_safe(payload), indent=2) + "\n")
+            experiment.save()
             dist.barrier()
             options = RunOptions(out, seed=spec.seed, amp=spec.amp, device=dev, num_workers=num_workers,
                                  progress=sys.stderr.isatty() if progress is None else progress, stop=stop,
