@@ -389,7 +389,7 @@ def _fail(message: str, code: int) -> None:
 
 
 # Parameters whose flag is not ``--`` + the name with ``_`` -> ``-``
-_FLAGS = {"warmup_steps": "--warmup", "fmt": "--format"}
+_FLAGS = {"warmup_steps": "--warmup", "fmt": "--format", "out_dir": "--output", "model_options": "--model-option"}
 
 
 def flag_for(parameter: str) -> str:

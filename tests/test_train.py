@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from astcli.cli import app
+from astcli.cli import app, flag_for
 from astcli.errors import ModelError, ParameterError, UsageError
 from astcli.model import AudioTransformer, ast_config, elastic_config
 from astcli.train import experiment
@@ -372,7 +372,7 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
     again = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "-o",
                                 str(tmp_path / "esc"), "--folds", "1"])
     assert isinstance(again.exception, ParameterError) and "resume it" in str(again.exception)
-    assert again.exception.parameter == "out_dir"
+    assert flag_for(again.exception.parameter) == "--output"
     resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "esc")])  # every fold done: report
     assert resumed.exit_code == 0 and resumed.output.splitlines()[:7] == lines[:7]
 
@@ -381,9 +381,14 @@ def test_cli_rejects_imagenet_weights_for_small_sizes(small_folder, tmp_path):
     result = CliRunner().invoke(app, ["train", "--dataset", str(small_folder), "--size", "tiny", "--init",
                                       "imagenet", "-o", str(tmp_path / "x")])
     assert isinstance(result.exception, UsageError) and "base size" in str(result.exception)
+    assert not (tmp_path / "x").exists()  # usage errors come before any output file
     result = CliRunner().invoke(app, ["finetune", "--dataset", str(small_folder), "-o", str(tmp_path / "y"),
                                       "--folds", "x,y"])
     assert isinstance(result.exception, UsageError)
+    result = CliRunner().invoke(app, ["train", "--dataset", str(small_folder), "--size", "tiny", "--init", "none",
+                                      "--model-option", "heads=5", "-o", str(tmp_path / "z")])
+    assert isinstance(result.exception, ParameterError) and "heads 5 does not divide dim" in str(result.exception)
+    assert flag_for(result.exception.parameter) == "--model-option" and not (tmp_path / "z").exists()
 
 
 # -- DDP -----------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import torch
 from astcli.audio import audio_info
 from astcli.errors import AudioError
 from astcli.features import frames_for_samples
+from astcli.files import write_text
 from astcli.model.config import ModelConfig
 from astcli.model.packing import batch_clips
 from astcli.train.augment import BalancedSampler, ShuffleSampler, random_hop_ms
 from astcli.train.datasets import Dataset, Split
 from astcli.train.distributed import Distributed
-from astcli.train.loop import _atomic_text
 from astcli.train.seeds import derive_seed, seeded_generator
 
 MAX_DATA_WINDOW = 1024  # frames: the longest window derived from the data (AST's AudioSet window)
@@ -168,7 +168,7 @@ def save_lengths(cache: Path, dataset: Dataset, sample_rate: int, samples: list[
                  errors: dict[int, str]) -> None:
     """Write what :func:`cached_lengths` returned to ``cache`` (atomically) for the next run on the same files."""
     payload = {"key": _lengths_key(dataset), "sample_rate": sample_rate, "samples": samples, "errors": errors}
-    _atomic_text(cache, json.dumps(payload) + "\n")
+    write_text(cache, json.dumps(payload) + "\n")
 
 
 def data_window(samples: list[int | None], indices: list[int], hop_ms: float, sample_rate: int) -> int:

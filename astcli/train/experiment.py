@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as tdist
 
+from astcli import files
+from astcli.console import warn
 from astcli.errors import ParameterError, UsageError
 from astcli.train.batches import cached_lengths, save_lengths
 from astcli.train.datasets import load_dataset, run_splits
 from astcli.train.distributed import Distributed, setup_distributed
 from astcli.train.logs import json_safe
-from astcli.train.loop import _atomic_text, _once, _warn
 from astcli.train.models import (
     ARCHS,
     INITS,
@@ -49,7 +50,7 @@ from astcli.train.models import (
 from astcli.train.optimization import AMP_MODES, amp_dtype
 from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
 from astcli.train.signals import stop_on_signals
-from astcli.train.trainer import FitResult, RunOptions, fit
+from astcli.train.trainer import FitResult, RunOptions, fit, unreadable_reporter
 
 KINDS = ("finetune", "train")
 
@@ -196,7 +197,7 @@ class _Experiment:
             config = architecture(spec.arch, spec.size, ds.classes, self.recipe.window, spec.model_options)
             model = new_model(config, init=spec.init, seed=spec.seed)
         self.base = fit_to_recipe(model, self.recipe)
-        self.report = _once(quiet=bool(self.scan_bad))  # one warning for the whole run
+        self.report = unreadable_reporter(quiet=bool(self.scan_bad))  # one warning for the whole run
 
     def save(self) -> None:
         """Write ``run.json`` (the spec and what it resolved to) and ``lengths.json`` (rank 0 only), and warn
@@ -207,11 +208,11 @@ class _Experiment:
         ds = self.dataset
         payload = {**self.spec.to_dict(), "resolved_recipe": self.recipe.to_dict(), "dataset_name": ds.name,
                    "classes": ds.classes}
-        _atomic_text(self.out / "run.json", json.dumps(json_safe(payload), indent=2) + "\n")
+        files.write_text(self.out / "run.json", json.dumps(json_safe(payload), indent=2) + "\n")
         if self.lengths is not None:
             save_lengths(self.out / "lengths.json", ds, self.base.config.sample_rate, self.lengths, self.scan_bad)
         if self.scan_bad:
-            _warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({next(iter(self.scan_bad.values()))})")
+            warn(f"{len(self.scan_bad)} unreadable clip(s) skipped ({next(iter(self.scan_bad.values()))})")
 
     def run(self, options: RunOptions) -> TrainResult:
         """Train every fold not done yet (a fold with ``result.json`` is read back), then copy the first fold's
@@ -240,7 +241,7 @@ class _Experiment:
                 if not (first / "model.safetensors").is_file():
                     raise UsageError(f"{first}: the first fold's model is missing")
                 shutil.copytree(first, self.out / "model", dirs_exist_ok=True)
-            _atomic_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
+            files.write_text(self.out / "summary.json", json.dumps(result.summary(), indent=2) + "\n")
         return result
 
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
-from astcli.train.loop import _atomic_text as atomic_text
-from astcli.train.loop import _fsync_replace
+from astcli.files import write_text
 
 METRIC_KEYS = ("top1", "top5", "mAP", "mAUC", "d_prime")
 TIMING_KEYS = ("seconds", "clips_per_s", "tokens_per_s")
@@ -41,16 +41,15 @@ def epoch_line(record: dict) -> str:
 
 def write_logs(directory: Path, history: list[dict]) -> None:
     """``log.jsonl`` and ``log.csv`` (one row per epoch) and ``curves.png`` when matplotlib is installed."""
-    atomic_text(directory / "log.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
+    write_text(directory / "log.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
     columns: list[str] = []
     for record in history:
         columns += [k for k in record if k not in columns]
-    tmp = directory / "log.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in json_safe(r).items()} for r in history)
-    _fsync_replace(tmp, directory / "log.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in json_safe(r).items()} for r in history)
+    write_text(directory / "log.csv", table.getvalue())
     plot_curves(history, directory / "curves.png")
 
 

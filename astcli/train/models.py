@@ -100,7 +100,5 @@ def fit_to_recipe(model: AudioTransformer, recipe: Recipe) -> AudioTransformer:
 
 def with_new_head(model: AudioTransformer, classes: list[str], seed: int, fold: int | None) -> AudioTransformer:
     """A copy of ``model`` with a fresh classifier for ``classes``, initialised from ``(seed, fold)``."""
-    fresh = copy.deepcopy(model)
     torch.manual_seed(derive_seed(seed, fold, "head"))
-    fresh.reset_head(len(classes), list(classes), model.config.multi_label)
-    return fresh
+    return model.with_head(len(classes), classes, model.config.multi_label)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from astcli.errors import UsageError
-from astcli.train.loop import _atomic_torch, _fsync_replace
+from astcli.files import save_torch
 
 STATE_VERSION = 2
 
@@ -70,7 +70,7 @@ def save_state(path: Path, progress: TrainingState, parts: dict, data: dict) -> 
         "bad": {int(k): v for k, v in progress.bad.items()}, "rng": rng_state(), "data": dict(data),
         "parts": {name: part.state_dict() if part is not None else {} for name, part in parts.items()},
     }
-    _atomic_torch(state, path)
+    save_torch(state, path)
 
 
 def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
@@ -93,13 +93,6 @@ def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
     set_rng_state(state["rng"])
     return TrainingState(state["epoch"], state["batch"], state["step"], dict(state["partial"]),
                          list(state["history"]), dict(state["best"]), {int(k): v for k, v in state["bad"].items()})
-
-
-def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """A state dict as float32 safetensors at ``path`` (written atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, str(tmp))
-    _fsync_replace(tmp, path)
 
 
 def epoch_weights(out_dir: Path, epoch: int) -> Path:

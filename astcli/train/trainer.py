@@ -22,6 +22,8 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file
 
+from astcli import files
+from astcli.console import Progress, warn_once
 from astcli.errors import DatasetError, ParameterError
 from astcli.model.checkpoints import save_checkpoint
 from astcli.model.packing import PackedBatch, pack_clips, patchify
@@ -31,12 +33,22 @@ from astcli.train.datasets import Split
 from astcli.train.distributed import Distributed, any_rank
 from astcli.train.loader import ClipMaker, LoadedBatch, load_batches
 from astcli.train.logs import epoch_line, json_safe, metrics_of, write_logs
-from astcli.train.loop import _atomic_text, _once, _Progress
 from astcli.train.metrics import evaluate
 from astcli.train.optimization import amp_dtype, learning_rate, loss, make_optimizer, scores
 from astcli.train.recipes import Recipe
 from astcli.train.signals import StopFlag
-from astcli.train.state import TrainingState, average_weights, epoch_weights, load_state, save_state, save_weights
+from astcli.train.state import TrainingState, average_weights, epoch_weights, load_state, save_state
+
+
+def _speed(loss_value: float, clips_per_s: float) -> str:
+    return f"loss {loss_value:.4f}  {clips_per_s:.1f} clips/s"
+
+
+def unreadable_reporter(quiet: bool = False) -> Callable[[str], None]:
+    """Reporter of clips that fail to decode: one warning at the first (none when ``quiet``); the rest are
+    counted in the logs."""
+    return warn_once(lambda reason: f"skipping unreadable audio ({reason}); further failures are counted in "
+                     "the logs, not shown", quiet)
 
 
 def default_workers() -> int:
@@ -112,7 +124,7 @@ class Trainer:
         self.config, self.split, self.recipe, self.run, self.out = model.config, split, recipe, run, Path(run.out_dir)
         self.amp = amp_dtype(run.amp, self.device)
         self.num_workers = default_workers() if run.num_workers is None else max(0, int(run.num_workers))
-        self.stop, self.report = run.stop or StopFlag(), run.report or _once()
+        self.stop, self.report = run.stop or StopFlag(), run.report or unreadable_reporter()
         self.metric = "mAP" if split.dataset.multi_label else "top1"
         self.maker = ClipMaker(split, self.config, recipe)
         self.planner = BatchPlanner(self.config, split, window=recipe.window, budget=recipe.batch_tokens,
@@ -124,7 +136,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model.parameters(), recipe)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        self.progress = _Progress(bool(run.progress) and self.dist.main)
+        self.progress = Progress(bool(run.progress) and self.dist.main)
         self.state = TrainingState()
 
     # -- state file
@@ -197,7 +209,7 @@ class Trainer:
         plans, accum, s = self.planner.plans(epoch), self.recipe.grad_accum, self.state
         self.model.train()
         label = f"fold {self.split.fold} " if self.split.fold is not None else ""
-        self.progress.start(f"{label}epoch {epoch}/{self.recipe.epochs}", len(plans), s.batch)
+        self.progress.start(f"{label}epoch {epoch}/{self.recipe.epochs}", len(plans), s.batch, _speed(0.0, 0.0))
         p = s.partial
         t0 = time.perf_counter() - p["seconds"]
         lr = learning_rate(self.recipe, epoch, max(1, s.step))
@@ -210,7 +222,7 @@ class Trainer:
             p["clips"] += len(loaded.indices)
             p["tokens"] += loaded.tokens
             p["seconds"] = time.perf_counter() - t0
-            self.progress.update(p["loss_sum"] / max(1, p["clips"]), p["clips"] / max(1e-9, p["seconds"]))
+            self.progress.advance(1, _speed(p["loss_sum"] / max(1, p["clips"]), p["clips"] / max(1e-9, p["seconds"])))
             if not last_micro:
                 continue
             lr = self._optimizer_step(epoch)
@@ -221,7 +233,7 @@ class Trainer:
                 self.save_state()
                 return False
         p["lr"] = lr
-        self.progress.done()
+        self.progress.finish()
         return True
 
     def evaluate(self, indices, shard: bool = True) -> tuple[dict, float | None]:
@@ -270,9 +282,9 @@ class Trainer:
         improved = bool(metrics) and value > s.best["value"]
         if self.dist.main and r.wa_start is not None and r.wa_start <= epoch <= r.wa_end:
             epoch_weights(self.out, epoch).parent.mkdir(exist_ok=True)
-            save_weights(self.model.state_dict(), epoch_weights(self.out, epoch))
+            files.save_tensors(self.model.state_dict(), epoch_weights(self.out, epoch))
         if self.dist.main and improved:
-            save_weights(self.model.state_dict(), self.out / "best.safetensors")
+            files.save_tensors(self.model.state_dict(), self.out / "best.safetensors")
         if improved:
             s.best = {"epoch": epoch, "value": value}
         s.next_epoch(epoch)
@@ -307,7 +319,7 @@ class Trainer:
             test, _ = self.evaluate(self.split.test, shard=False)
             save_checkpoint(self.out / "model", self.config, self.model.state_dict())
             result = FitResult(self.out, s.history, metrics, test, select, epoch, len(s.bad), self.split.fold)
-            _atomic_text(self.out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+            files.write_text(self.out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
             for leftover in (self.state_path, self.out / "best.safetensors"):
                 leftover.unlink(missing_ok=True)
         self.dist.barrier()
