@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from astcli.audio import AUDIO_EXTENSIONS, load_audio
-from astcli.errors import DatasetError
+from astcli.errors import DatasetError, ParameterError
 from astcli.train.datasets import (
     download_esc50,
     fold_split,
@@ -19,6 +19,7 @@ from astcli.train.datasets import (
     load_folder,
     load_manifest,
     load_speechcommands,
+    run_splits,
 )
 
 
@@ -115,6 +116,29 @@ def test_speechcommands_splits_classes_and_noise(tmp_path):
         assert ds.classes[example.labels[0]] == Path(example.path).parent.name
     assert load_dataset(tmp_path / "sc").name == "speechcommands"
     assert load_dataset("speechcommands", tmp_path / "sc").classes == ds.classes
+
+
+def test_run_splits_follow_folds_fixed_splits_or_a_stratified_holdout(tmp_path):
+    esc = load_esc50(_make_esc50(tmp_path / "ESC-50"))
+    folds = run_splits(esc, None, 0.1)
+    assert [s.fold for s in folds] == [1, 2, 3, 4, 5]
+    assert all(len(s.train) == 12 and len(s.validation) == 3 and not s.test for s in folds)
+    assert [s.fold for s in run_splits(esc, [2, 4], 0.1)] == [2, 4]
+    (flat,) = run_splits(esc, [], 1 / 3)  # no cross-validation: a third of each class held out
+    assert flat.fold is None and len(flat.validation) == 6 and sorted(flat.train + flat.validation) == list(range(15))
+    assert [esc.examples[i].labels[0] for i in flat.validation].count(0) == 2  # round(5 / 3) per class
+    assert run_splits(esc, [], 1 / 3, seed=1)[0].validation != flat.validation
+    with pytest.raises(ParameterError, match="names fold 7") as caught:
+        run_splits(esc, [7], 0.1)
+    assert caught.value.parameter == "folds"
+    sc = load_speechcommands(_make_speechcommands(tmp_path / "sc"))
+    (fixed,) = run_splits(sc, None, 0.1)
+    assert (fixed.train, fixed.validation, fixed.test) == tuple(tuple(sc.splits[k]) for k in ("train", "validation",
+                                                                                              "test"))
+    with pytest.raises(ParameterError, match="defines no folds"):
+        run_splits(sc, [1], 0.1)
+    smaller = fixed.without({fixed.train[0]: "unreadable", fixed.test[0]: "unreadable"})
+    assert smaller.train == fixed.train[1:] and smaller.test == () and smaller.validation == fixed.validation
 
 
 def test_speechcommands_without_lists_is_an_error(tmp_path):
