@@ -14,6 +14,10 @@ class AudioError(AstcliError):
     """An audio file cannot be read or holds no usable audio."""
 
 
+class AudioWarning(UserWarning):
+    """Something about an audio file that was still decoded is doubtful (e.g. it ends before its header says)."""
+
+
 class ModelError(AstcliError):
     """A model, checkpoint, preset or label file cannot be loaded or does not fit."""
 

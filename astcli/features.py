@@ -28,11 +28,16 @@ _CHUNK_FRAMES = 1024  # frames per pass: fits in cache, few sync points between 
 
 def _frame_sizes(sample_rate: int, frame_shift_ms: float, frame_length_ms: float) -> tuple[int, int]:
     """Window length and hop in samples, rounded as Kaldi does."""
-    length = int(sample_rate * frame_length_ms * 0.001)
+    length = frame_length_samples(sample_rate, frame_length_ms)
     shift = int(sample_rate * frame_shift_ms * 0.001)
     if length < 2 or shift < 1:
         raise ValueError(f"frame length {frame_length_ms} ms / shift {frame_shift_ms} ms too short")
     return length, shift
+
+
+def frame_length_samples(sample_rate: int, frame_length_ms: float = 25.0) -> int:
+    """Samples in one analysis frame (Kaldi's rounding): the least audio that yields a feature frame."""
+    return int(sample_rate * frame_length_ms * 0.001)
 
 
 def frames_for_samples(
