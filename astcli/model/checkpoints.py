@@ -53,36 +53,97 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+_LABEL_DELIMITERS = (",", ";", "\t")
+_NAME_COLUMNS = ("display_name", "name", "label")
+
+
 def read_labels(path: str | Path) -> list[str]:
-    """Class names from an AudioSet-style ``index,mid,display_name`` CSV, a JSON list or
-    ``{index: name}`` mapping, or a text file with one label per line."""
+    """Class names from a label file; raises ModelError naming what is wrong.
+
+    * CSV (AudioSet's ``index,mid,display_name``; ``,``, ``;`` or tab delimited; a UTF-8 byte-order mark is
+      ignored): the header names an ``index`` column and a ``display_name`` (or ``name`` / ``label``) column;
+      the index column must number the classes exactly 0..N-1 (a duplicate or a gap is an error).
+    * JSON: a list of names, or an ``{index: name}`` mapping (optionally under ``id2label``) over 0..N-1.
+    * Anything else: one label per line (a ``.csv`` / ``.tsv`` file must have the header).
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from exc
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from exc
-        data = data.get("id2label", data) if isinstance(data, dict) else data
-        if isinstance(data, dict):
-            return [str(data[k]) for k in sorted(data, key=int)]
-        if isinstance(data, list):
-            return [str(x) for x in data]
-        raise ModelError(f"{path}: labels JSON must be a list or an index->name mapping")
-    rows = list(csv.reader(text.splitlines()))
-    if rows and [c.strip().lower() for c in rows[0][:3]] == ["index", "mid", "display_name"]:
-        try:
-            pairs = sorted((int(r[0]), r[2].strip()) for r in rows[1:] if r)
-        except (ValueError, IndexError) as exc:
-            raise ModelError(f"{path}: malformed index,mid,display_name row") from exc
-        return [name for _, name in pairs]
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from None
+    if path.suffix.lower() == ".json":
+        return _json_labels(path, text)
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    header = _label_header(first)
+    if header is not None:
+        return _csv_labels(path, lines, *header)
+    if path.suffix.lower() in (".csv", ".tsv") or "index" in first.lower():
+        raise ModelError(f"{path}: a CSV label file needs a header naming the columns index and display_name "
+                         f"(as index,mid,display_name; separated by commas, semicolons or tabs), not {first[:60]!r}")
+    labels = [line.strip() for line in lines if line.strip()]
     if not labels:
         raise ModelError(f"{path}: no labels in file")
     return labels
+
+
+def _label_header(line: str) -> tuple[str, int, int] | None:
+    """(delimiter, index column, name column) when ``line`` is a label CSV header, else None."""
+    for delimiter in _LABEL_DELIMITERS:
+        columns = [c.strip().strip('"').lower() for c in next(csv.reader([line], delimiter=delimiter), [])]
+        names = [columns.index(n) for n in _NAME_COLUMNS if n in columns]
+        if "index" in columns and names:
+            return delimiter, columns.index("index"), names[0]
+    return None
+
+
+def _csv_labels(path: Path, lines: list[str], delimiter: str, index_col: int, name_col: int) -> list[str]:
+    rows = [(number, row) for number, row in enumerate(csv.reader(lines, delimiter=delimiter), 1) if row]
+    entries = []  # (index, name, line)
+    for number, row in rows[1:]:
+        if len(row) <= max(index_col, name_col):
+            raise ModelError(f"{path}: line {number} has {len(row)} fields, the header names more "
+                             f"(separated by {delimiter!r})")
+        try:
+            entries.append((int(row[index_col]), row[name_col].strip(), f"line {number}"))
+        except ValueError:
+            raise ModelError(f"{path}: line {number}: index {row[index_col]!r} is not a whole number") from None
+    return _numbered(path, entries)
+
+
+def _numbered(path: Path, entries: list[tuple[int, str, str]]) -> list[str]:
+    """The names of ``(index, name, where)`` entries, whose indices must be exactly 0..N-1; a duplicate and a
+    gap are named (with where the duplicate stands)."""
+    if not entries:
+        raise ModelError(f"{path}: no labels in file")
+    where: dict[int, list[str]] = {}
+    for index, _, place in entries:
+        where.setdefault(index, []).append(place)
+    problems = [f"index {i} appears {len(p)} times ({', '.join(p)})" for i, p in where.items() if len(p) > 1]
+    missing = sorted(set(range(len(entries))) - set(where))
+    if missing:
+        problems.append(f"{'index' if len(missing) == 1 else 'indices'} {', '.join(map(str, missing[:5]))}"
+                        f"{' ...' if len(missing) > 5 else ''} missing")
+    if problems:
+        raise ModelError(f"{path}: {'; '.join(problems)}: the indices must number the classes 0..{len(entries) - 1}")
+    return [name for _, name, _ in sorted(entries)]
+
+
+def _json_labels(path: Path, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from None
+    data = data.get("id2label", data) if isinstance(data, dict) else data
+    if isinstance(data, list) and data:
+        return [str(x) for x in data]
+    if isinstance(data, dict):
+        try:
+            entries = [(int(k), str(v), f"key {k!r}") for k, v in data.items()]
+        except ValueError:
+            raise ModelError(f"{path}: label JSON keys must be class indices 0..N-1") from None
+        return _numbered(path, entries)
+    raise ModelError(f"{path}: labels JSON must be a non-empty list or an index->name mapping")
 
 
 # -- our own format ------------------------------------------------------------------------------------
@@ -119,33 +180,65 @@ def _weights_file(directory: Path, names: tuple[str, ...]) -> Path:
 
 def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
     """A transformers ``ASTForAudioClassification`` directory (config.json + weights + preprocessor)."""
-    prep_file = directory / "preprocessor_config.json"
+    id2label = meta.get("id2label") or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    try:
+        num_classes = len(labels)
+        problem = meta.get("problem_type")
+        multi = problem == "multi_label_classification" or (problem is None and num_classes == AUDIOSET_CLASSES)
+        mel, frames = meta.get("num_mel_bins", 128), meta.get("max_length", 1024)
+        config = ModelConfig(
+            family="ast", dim=meta["hidden_size"], depth=meta["num_hidden_layers"],
+            heads=meta["num_attention_heads"], mlp_dim=meta["intermediate_size"],
+            patch_size=meta.get("patch_size", 16), freq_stride=meta.get("frequency_stride", 10),
+            time_stride=meta.get("time_stride", 10), num_mel_bins=mel, max_frames=frames,
+            layer_norm_eps=meta.get("layer_norm_eps", 1e-12), qkv_bias=meta.get("qkv_bias", True),
+            num_classes=num_classes, multi_label=multi, labels=labels,
+            **_hf_features(directory / "preprocessor_config.json", mel, frames),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from None
+    hf = read_weights(_weights_file(directory, HF_WEIGHTS))
+    return config, convert_hf_ast(hf, config)
+
+
+def _hf_features(prep_file: Path, num_mel_bins: int, max_length: int) -> dict:
+    """Normalisation (``mean``, ``std``) from transformers' ``ASTFeatureExtractor`` settings, honouring every
+    field of ``preprocessor_config.json`` that changes the features; a value astcli cannot reproduce exactly
+    is a ModelError naming the field. ``do_normalize: false`` becomes mean 0, std 0.5: ``(x - 0) / (2 * 0.5)``
+    is ``x`` exactly. The extractor's padding fields only pad waveform batches and leave AST features alone."""
     try:
         prep = json.loads(prep_file.read_text(encoding="utf-8")) if prep_file.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{prep_file}: not valid JSON") from exc
     if not isinstance(prep, dict):
         raise ModelError(f"{prep_file}: not a JSON object")
-    id2label = meta.get("id2label") or {}
-    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    try:
-        mean, std = prep.get("mean", DEFAULT_STATS["ast"][0]), prep.get("std", DEFAULT_STATS["ast"][1])
-        num_classes = len(labels)
-        problem = meta.get("problem_type")
-        multi = problem == "multi_label_classification" or (problem is None and num_classes == AUDIOSET_CLASSES)
-        config = ModelConfig(
-            family="ast", dim=meta["hidden_size"], depth=meta["num_hidden_layers"],
-            heads=meta["num_attention_heads"], mlp_dim=meta["intermediate_size"],
-            patch_size=meta.get("patch_size", 16), freq_stride=meta.get("frequency_stride", 10),
-            time_stride=meta.get("time_stride", 10), num_mel_bins=meta.get("num_mel_bins", 128),
-            max_frames=meta.get("max_length", 1024), layer_norm_eps=meta.get("layer_norm_eps", 1e-12),
-            qkv_bias=meta.get("qkv_bias", True), num_classes=num_classes, multi_label=multi,
-            sample_rate=prep.get("sampling_rate", 16000), mean=float(mean), std=float(std), labels=labels,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from exc
-    hf = read_weights(_weights_file(directory, HF_WEIGHTS))
-    return config, convert_hf_ast(hf, config)
+
+    def refuse(field: str, why: str) -> ModelError:
+        return ModelError(f"{prep_file}: {field} {prep[field]!r} {why}")
+
+    kind = prep.get("feature_extractor_type", "ASTFeatureExtractor")
+    if kind != "ASTFeatureExtractor":
+        raise refuse("feature_extractor_type", "is not AST's Kaldi fbank extractor")
+    for field, want, why in (("sampling_rate", 16000, "is not supported: AST features are Kaldi fbank at "
+                              "16000 Hz (transformers' own extractors disagree at other rates)"),
+                             ("feature_size", 1, "is not supported: AST takes mono audio"),
+                             ("num_mel_bins", num_mel_bins, f"differs from the model's num_mel_bins {num_mel_bins}"),
+                             ("max_length", max_length, f"differs from the model's max_length {max_length}")):
+        if field in prep and prep[field] != want:
+            raise refuse(field, why)
+    if not isinstance(prep.get("do_normalize", True), bool):
+        raise refuse("do_normalize", "is not true or false")
+    if not prep.get("do_normalize", True):
+        return {"mean": 0.0, "std": 0.5}
+    mean, std = DEFAULT_STATS["ast"]
+    stats = {"mean": prep.get("mean", mean), "std": prep.get("std", std)}
+    for field, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise refuse(field, "is not a finite number")
+    if stats["std"] <= 0:
+        raise refuse("std", "is not positive")
+    return {k: float(v) for k, v in stats.items()}
 
 
 def convert_hf_ast(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
