@@ -103,7 +103,7 @@ def _open_descriptor(name: str) -> tuple[int, bool]:
     try:  # O_NONBLOCK: opening a named pipe must not wait for a writer
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
-        raise _error(name, _OS_REASONS.get(type(err)) or (err.strerror or "cannot read").lower()) from None
+        raise _error(name, _OS_REASONS.get(type(err)) or (err.strerror or "cannot read").lower()) from err
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -132,11 +132,11 @@ def _open(name: str) -> tuple[sf.SoundFile, int, bool]:
     except sf.LibsndfileError as err:
         os.close(fd)
         if err.code == _UNRECOGNISED_FORMAT:
-            raise _error(name, "not a recognised audio format") from None
-        raise _error(name, "corrupt or truncated audio" if seekable else _PIPE_REASON) from None
-    except _SF_ERRORS:
+            raise _error(name, "not a recognised audio format") from err
+        raise _error(name, "corrupt or truncated audio" if seekable else _PIPE_REASON) from err
+    except _SF_ERRORS as exc:
         os.close(fd)
-        raise _error(name, "corrupt or truncated audio") from None
+        raise _error(name, "corrupt or truncated audio") from exc
     if not seekable and file.format in _SEEKING_FORMATS:
         file.close()
         os.close(fd)
@@ -241,8 +241,8 @@ class AudioStream:
         while got < frames and not self.stopped:
             try:
                 x = self._file.read(min(self._step, frames - got), dtype="float32", always_2d=True)
-            except _SF_ERRORS:
-                if not self._retry_small(self.decoded_frames + got):
+            except _SF_ERRORS as exc:
+                if not self._retry_small(self.decoded_frames + got, exc):
                     break
                 continue
             if len(x) == 0:
@@ -253,7 +253,7 @@ class AudioStream:
         self.decoded_frames += got
         return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.float32))
 
-    def _retry_small(self, position: int) -> bool:
+    def _retry_small(self, position: int, cause: Exception) -> bool:
         """After a decoder error at frame ``position``: whether to read on from there in small steps; else the
         stream stops (``stopped`` set) or, with no audio decoded yet, fails with AudioError."""
         if self.seekable and self._step > _SMALL_READ:
@@ -264,7 +264,7 @@ class AudioStream:
             except _SF_ERRORS:
                 pass
         if position == 0:
-            raise _error(self.name, "corrupt or truncated audio" if self.seekable else _PIPE_REASON) from None
+            raise _error(self.name, "corrupt or truncated audio" if self.seekable else _PIPE_REASON) from cause
         self.stopped = "corrupt or truncated data"
         return False
 

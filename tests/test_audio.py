@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import astcli.audio
 from astcli.audio import AUDIO_EXTENSIONS, AudioInfo, audio_info, load_audio, resample, stream_audio
 from astcli.errors import AudioError
 

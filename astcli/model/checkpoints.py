@@ -70,7 +70,7 @@ def read_labels(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from None
+        raise ModelError(f"{path}: cannot read labels ({exc.__class__.__name__})") from exc
     if path.suffix.lower() == ".json":
         return _json_labels(path, text)
     lines = text.splitlines()
@@ -106,8 +106,8 @@ def _csv_labels(path: Path, lines: list[str], delimiter: str, index_col: int, na
                              f"(separated by {delimiter!r})")
         try:
             entries.append((int(row[index_col]), row[name_col].strip(), f"line {number}"))
-        except ValueError:
-            raise ModelError(f"{path}: line {number}: index {row[index_col]!r} is not a whole number") from None
+        except ValueError as exc:
+            raise ModelError(f"{path}: line {number}: index {row[index_col]!r} is not a whole number") from exc
     return _numbered(path, entries)
 
 
@@ -133,15 +133,15 @@ def _json_labels(path: Path, text: str) -> list[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from None
+        raise ModelError(f"{path}: invalid JSON labels (line {exc.lineno})") from exc
     data = data.get("id2label", data) if isinstance(data, dict) else data
     if isinstance(data, list) and data:
         return [str(x) for x in data]
     if isinstance(data, dict):
         try:
             entries = [(int(k), str(v), f"key {k!r}") for k, v in data.items()]
-        except ValueError:
-            raise ModelError(f"{path}: label JSON keys must be class indices 0..N-1") from None
+        except ValueError as exc:
+            raise ModelError(f"{path}: label JSON keys must be class indices 0..N-1") from exc
         return _numbered(path, entries)
     raise ModelError(f"{path}: labels JSON must be a non-empty list or an index->name mapping")
 
@@ -197,7 +197,7 @@ def _load_hf(directory: Path, meta: dict) -> tuple[ModelConfig, dict]:
             **_hf_features(directory / "preprocessor_config.json", mel, frames),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from None
+        raise ModelError(f"{directory}/config.json: not a usable AST config ({exc})") from exc
     hf = read_weights(_weights_file(directory, HF_WEIGHTS))
     return config, convert_hf_ast(hf, config)
 
