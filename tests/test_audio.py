@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from astcli.audio import AUDIO_EXTENSIONS, AudioInfo, audio_info, load_audio, resample, stream_audio
-from astcli.errors import AudioError
+from astcli.errors import AudioError, AudioWarning
 
 
 @pytest.mark.parametrize(
@@ -164,8 +164,10 @@ def test_corrupt_data_after_a_good_header(signal, write_audio, tmp_path):
     good = write_audio("good.mp3", signal("tones", seconds=2.0), format="MP3").read_bytes()
     path = tmp_path / "bad.mp3"
     path.write_bytes(good[: len(good) // 2] + np.random.default_rng(2).bytes(3000))
-    with pytest.raises(AudioError, match="corrupt"):
-        load_audio(path)
+    # decoded as far as the data goes, and said so: a warning with the header's length and the decoded one
+    with pytest.warns(AudioWarning, match=r"decoding stopped after 0\.\d+ s of the 2\.000 s the header declares"):
+        y = load_audio(path)
+    assert 0.5 * 16000 < len(y) < 1.2 * 16000
 
 
 @pytest.fixture(scope="module")
