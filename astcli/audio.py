@@ -25,7 +25,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from astcli.errors import AudioError, AudioWarning
+from astcli.errors import AudioError, AudioWarning, UsageError
 from astcli.features import frame_length_samples
 
 # fmt: off
@@ -267,6 +267,21 @@ class AudioStream:
             raise _error(self.name, "corrupt or truncated audio" if self.seekable else _PIPE_REASON) from cause
         self.stopped = "corrupt or truncated data"
         return False
+
+
+_AUDIO_MAGIC = (b"RIFF", b"RF64", b"FORM", b"fLaC", b"OggS", b"ID3", b".snd", b"caff", b"\xff\xfb", b"\xff\xf3")
+
+
+def read_path_list(data: bytes) -> list[str]:
+    """The paths in a path list (``find ... | ast tag -``): one per line, LF or CRLF line ends, a UTF-8
+    byte-order mark ignored, blank lines skipped; bytes that are not UTF-8 kept (``os.fsdecode``).
+
+    Raises UsageError when ``data`` is audio or other binary data rather than a list of paths."""
+    if data.startswith(_AUDIO_MAGIC) or b"\0" in data:
+        raise UsageError("standard input holds audio or binary data, not a list of paths (one per line); "
+                         "to tag audio piped in, name it as the file: /dev/stdin")
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    return [os.fsdecode(line) for line in data.replace(b"\r\n", b"\n").split(b"\n") if line.strip()]
 
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:

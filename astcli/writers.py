@@ -17,8 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from typing import IO
+
+from astcli.errors import ParameterError
 
 FORMATS = ("table", "jsonl", "json", "csv", "tsv")
 CSV_COLUMNS = ("file", "start", "end", "label", "score", "error", "warning")
@@ -34,6 +37,18 @@ def format_for(path: str | None, stdout_is_tty: bool) -> str:
         suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
         return suffix if suffix in FORMATS and suffix != "table" else "jsonl"
     return "table" if stdout_is_tty else "jsonl"
+
+
+def check_output(path: str) -> None:
+    """Raise ParameterError (parameter ``output``) unless a file could be created at ``path``: run before
+    anything else happens, so that a bad path fails at once and no existing file is touched."""
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ParameterError("output", f"{printable(path)} is a directory")
+    if not os.path.isdir(directory):
+        raise ParameterError("output", f"{printable(path)}: no such directory {printable(directory)}")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ParameterError("output", f"{printable(path)}: permission denied")
 
 
 def printable(text: str) -> str:

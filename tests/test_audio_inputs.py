@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 
 import astcli.audio
-from astcli.audio import AudioStream, load_audio, require_frame, stream_audio
-from astcli.errors import AudioError, AudioWarning
+from astcli.audio import AudioStream, load_audio, read_path_list, require_frame, stream_audio
+from astcli.errors import AudioError, AudioWarning, UsageError
 
 TONE = (0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)).astype(np.float32)
 
@@ -189,3 +189,15 @@ def test_names_that_are_not_utf8(tmp_path):
     with pytest.raises(AudioError) as caught:
         load_audio(name + ".missing")
     assert "\n" not in str(caught.value) and str(caught.value).endswith("no such file")
+
+
+def test_path_lists_with_bom_crlf_and_raw_bytes():
+    data = b"\xef\xbb\xbfa.wav\r\n\r\nsub dir/b.flac\r\ncaf\xe9.wav\n  \nlast.ogg"
+    assert read_path_list(data) == ["a.wav", "sub dir/b.flac", os.fsdecode(b"caf\xe9.wav"), "last.ogg"]
+
+
+@pytest.mark.parametrize("head", [b"RIFF\x24\x00\x00\x00WAVEfmt ", b"fLaC\x00\x00", b"OggS\x00\x02", b"ID3\x04",
+                                  b"ok.wav\nbinary\x00junk"])
+def test_audio_on_stdin_instead_of_paths_is_a_usage_error(head):
+    with pytest.raises(UsageError, match=r"not a list of paths.*/dev/stdin"):
+        read_path_list(head + b"\x00" * 40)

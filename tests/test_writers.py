@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astcli.writers import FORMATS, make_writer, printable, to_json
+from astcli.errors import ParameterError
+from astcli.writers import FORMATS, check_output, make_writer, printable, to_json
 
 # A path the OS can hold: any bytes but NUL (the slash only separates components)
 names = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b).map(os.fsdecode)
@@ -123,3 +124,16 @@ def test_markup_and_emoji_codes_in_names_are_literal(fmt):
     name = "[red]x[/red] :smile: -rf.wav"
     out = _write(fmt, [_record(name, 0.25, 1)])
     assert name in out
+
+
+def test_output_paths_are_checked_before_anything_is_written(tmp_path):
+    keep = tmp_path / "keep.csv"
+    keep.write_text("precious\n")
+    check_output(str(keep))  # an existing file may be replaced, but checking it touches nothing
+    assert keep.read_text() == "precious\n"
+    check_output("relative-name.csv")
+    for path, problem in ((tmp_path / "missing_dir" / "x.csv", "no such directory"),
+                          (tmp_path, "is a directory")):
+        with pytest.raises(ParameterError) as caught:
+            check_output(str(path))
+        assert caught.value.parameter == "output" and problem in caught.value.problem
