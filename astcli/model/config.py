@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from astcli.errors import ParameterError
 
 FAMILIES = ("ast", "elastic")
 POOLINGS = ("cls_dist", "cls", "attention", "mean")
+
+# Fields that must be above zero (every size, count, rate and scale)
+_POSITIVE = ("dim", "depth", "heads", "mlp_dim", "patch_size", "freq_stride", "time_stride", "num_mel_bins",
+             "max_frames", "num_classes", "sample_rate", "hop_ms", "layer_norm_eps", "std")
 
 # Per-family defaults for checkpoints that carry no statistics of their own.
 DEFAULT_STATS = {"ast": (-4.2677393, 4.5689974), "elastic": (-4.414, 4.905)}
@@ -53,6 +58,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        self._check_values()
         if self.family not in FAMILIES:
             raise ParameterError("family", f"{self.family!r} is unknown (expected one of {', '.join(FAMILIES)})")
         if self.pooling not in POOLINGS:
@@ -65,6 +71,28 @@ class ModelConfig:
             raise ParameterError("prefix_tokens", "must be 2 for cls_dist pooling")
         if self.pooling == "cls" and self.prefix_tokens < 1:
             raise ParameterError("prefix_tokens", "must be at least 1 for cls pooling")
+
+    def _check_values(self) -> None:
+        """Every field of its type (a whole number where one is needed: JSON and ``--model-option`` give any)
+        and in its range."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ParameterError(f.name, f"must be a whole number (got {value!r})")
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ParameterError(f.name, f"must be a finite number (got {value!r})")
+                object.__setattr__(self, f.name, float(value))
+            if f.type in ("bool", "str") and type(value).__name__ != f.type:
+                raise ParameterError(f.name, f"must be {'true or false' if f.type == 'bool' else 'text'} "
+                                             f"(got {value!r})")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ParameterError(name, f"must be positive (got {getattr(self, name)!r})")
+        if self.prefix_tokens < 0:
+            raise ParameterError("prefix_tokens", f"must be 0 or more (got {self.prefix_tokens})")
+        if self.patch_size > self.num_mel_bins:
+            raise ParameterError("patch_size", f"{self.patch_size} is larger than num_mel_bins {self.num_mel_bins}")
 
     @property
     def grid_freq(self) -> int:

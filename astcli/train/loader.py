@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from astcli.audio import load_audio
+from astcli.audio import load_audio, require_frame
 from astcli.errors import AudioError
 from astcli.features import fbank, normalize
 from astcli.model.config import ModelConfig
@@ -65,6 +65,7 @@ class ClipMaker:
         c, r = self.config, self.recipe
         gen = torch.Generator().manual_seed(seed)
         wave = load_audio(self.paths[index], c.sample_rate)
+        require_frame(len(wave), c.sample_rate, self.paths[index])  # no training on padding alone
         target = self.target(index)
         if train and r.mixup > 0 and self.mix_pool and float(torch.rand((), generator=gen)) < r.mixup:
             other = self.mix_pool[int(torch.randint(len(self.mix_pool), (1,), generator=gen))]

@@ -54,8 +54,16 @@ def architecture(arch: str, size: str, classes: list[str], window: int | None, o
         fields["attn_scale"] = True
         fields["max_frames"] = max(ELASTIC_MIN_FRAMES, -(-(window or 0) // 16) * 16)
         make = elastic_config
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ParameterError("model_options", f"has unknown key {unknown[0]!r} (valid keys: {', '.join(known)})")
     try:
         return make(size, **{**fields, **options})
+    except ParameterError as exc:
+        if exc.parameter not in options:
+            raise
+        raise ParameterError("model_options", f"{exc.parameter}={options[exc.parameter]!r}: {exc.problem}") from exc
     except (TypeError, ValueError) as exc:
         raise ParameterError("model_options", f"do not make a model: {exc}") from exc
 
