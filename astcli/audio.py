@@ -167,8 +167,9 @@ class AudioStream:
     Yields non-empty 1-D float32 mono tensors at ``sample_rate`` (the file's own rate when None) whose
     concatenation equals ``load_audio(path, sample_rate)``. Opening errors raise in the constructor, bad
     samples (NaN, Inf, beyond +-MAX_SAMPLE) and unreadable data while iterating. After iteration,
-    ``decoded_frames`` counts the frames decoded (at the file's rate) and ``notice`` says what, if anything,
-    is doubtful about the file (it ended before its header said, or decoding stopped early).
+    ``decoded_frames`` counts the frames decoded (at the file's rate), ``samples`` those yielded, ``notice``
+    says what, if anything, is doubtful about the file (it ended before its header said, or decoding stopped
+    early), and ``finish()`` checks that the audio holds one analysis frame.
     """
 
     def __init__(self, path: str | os.PathLike, sample_rate: int | None = 16000, block_seconds: float = 30.0):
@@ -177,7 +178,8 @@ class AudioStream:
         self.source_rate = self._file.samplerate
         self.sample_rate = sample_rate or self.source_rate
         self.declared_frames = _declared_frames(self._file, self.seekable)
-        self.decoded_frames = 0
+        self.decoded_frames = 0  # at the file's rate
+        self.samples = 0  # yielded, at sample_rate
         self.stopped: str | None = None  # why decoding ended before the end of the data
         self._block = max(1, round(block_seconds * self.source_rate))
         self._step = _READ_FRAMES
@@ -205,6 +207,15 @@ class AudioStream:
             return f"truncated: the header declares {declared / rate:.3f} s, the file holds {decoded / rate:.3f} s"
         return None
 
+    def finish(self) -> str | None:
+        """After iteration: raise AudioError when the audio (at ``sample_rate``) holds less than one analysis
+        frame, saying also why when the file was cut short; else return ``notice``."""
+        try:
+            require_frame(self.samples, self.sample_rate, self.name)
+        except AudioError as exc:
+            raise AudioError(f"{exc} ({self.notice})" if self.notice else str(exc)) from exc
+        return self.notice
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
@@ -227,6 +238,7 @@ class AudioStream:
                 if resampler is not None:
                     x = resampler.resample_chunk(x, last=end)
                 if x.size:
+                    self.samples += x.size
                     yield torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
                 if end:
                     return

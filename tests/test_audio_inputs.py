@@ -201,3 +201,25 @@ def test_path_lists_with_bom_crlf_and_raw_bytes():
 def test_audio_on_stdin_instead_of_paths_is_a_usage_error(head):
     with pytest.raises(UsageError, match=r"not a list of paths.*/dev/stdin"):
         read_path_list(head + b"\x00" * 40)
+
+
+def test_finish_checks_the_length_at_the_target_rate(tmp_path, wavs):
+    one = _write_tmp(tmp_path, "one44.wav", np.array([0.5], np.float32), 44100)
+    stream = stream_audio(one, 16000)
+    assert sum(len(b) for b in stream) == stream.samples == 0
+    with pytest.raises(AudioError, match=r"one44.wav: too short: 0 samples \(0 ms\) at 16000 Hz"):
+        stream.finish()
+    sliver = tmp_path / "sliver.wav"
+    sliver.write_bytes(wavs["wav"].read_bytes()[: 44 + 200])
+    stream = stream_audio(sliver, 16000)
+    list(stream)
+    with pytest.raises(AudioError, match=r"too short: 100 samples .*\(truncated: the header declares 2.000 s"):
+        stream.finish()
+    stream = stream_audio(_truncate(wavs["wav"], tmp_path, 0.5), 16000)
+    list(stream)
+    assert stream.finish() == stream.notice and stream.notice.startswith("truncated")
+
+
+def _write_tmp(tmp_path, name, data, rate):
+    sf.write(tmp_path / name, data, rate)
+    return tmp_path / name
