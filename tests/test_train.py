@@ -386,7 +386,7 @@ def test_cli_rejects_imagenet_weights_for_small_sizes(small_folder, tmp_path):
     assert isinstance(result.exception, UsageError)
     result = CliRunner().invoke(app, ["train", "--dataset", str(small_folder), "--size", "tiny", "--init", "none",
                                       "--model-option", "heads=5", "-o", str(tmp_path / "z")])
-    assert isinstance(result.exception, ParameterError) and "heads 5 does not divide dim" in str(result.exception)
+    assert isinstance(result.exception, ParameterError) and "heads=5: 5 does not divide" in str(result.exception)
     assert flag_for(result.exception.parameter) == "--model-option" and not (tmp_path / "z").exists()
 
 
