@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AudioError",
-    "AudioTagger",
     "DatasetError",
     "ModelError",
+    "Tagger",
     "__version__",
     "keep_freed_memory",
     "load_audio",
@@ -47,7 +47,7 @@ def __getattr__(name):
         from astcli.audio import load_audio
 
         return load_audio
-    if name in ("load_model", "AudioTagger"):
+    if name in ("load_model", "Tagger"):
         from astcli import tagger
 
         return getattr(tagger, name)

@@ -26,7 +26,7 @@ import soxr
 import torch
 
 from astcli.errors import AudioError, AudioWarning, UsageError
-from astcli.features import frame_length_samples
+from astcli.features import FRAME_LENGTH_MS, frame_length_samples
 
 # fmt: off
 AUDIO_EXTENSIONS = frozenset({
@@ -38,7 +38,6 @@ AUDIO_EXTENSIONS = frozenset({
 
 MAX_SAMPLE = 1000.0  # largest accepted |sample|: 60 dB above full scale; beyond it the data is not audio
 PIPE_WAIT_SECONDS = 30.0  # how long a pipe may stay silent before its first byte
-FRAME_MS = 25.0  # one analysis frame (features.py): the least audio that can be tagged
 
 _OS_REASONS = {
     FileNotFoundError: "no such file",
@@ -80,10 +79,10 @@ def require_frame(num_samples: int, sample_rate: int, name: str) -> None:
 
     Shorter audio gives no feature frame at all: scores for it would describe padding, not the audio.
     """
-    needed = frame_length_samples(sample_rate, FRAME_MS)
+    needed = frame_length_samples(sample_rate)  # one analysis frame: the least audio that can be tagged
     if num_samples < needed:
         raise _error(name, f"too short: {num_samples} samples ({1000 * num_samples / sample_rate:.3g} ms) at "
-                           f"{sample_rate} Hz; at least one {FRAME_MS:g} ms frame ({needed} samples) is needed")
+                           f"{sample_rate} Hz; at least one {FRAME_LENGTH_MS:g} ms frame ({needed} samples) is needed")
 
 
 def check_samples(x: np.ndarray | torch.Tensor, name: str) -> None:

@@ -6,6 +6,7 @@ Commands parse options, call the library and map its typed errors to exit codes:
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import traceback
@@ -29,6 +30,28 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """An Enum whose members are ``values``: Typer offers them as the option's only choices."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+# The choices of options, as the library defines them (tests/test_console.py holds both lists equal); spelled
+# out here so that `ast --help` does not import torch.
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+DType = _choices("DType", ("float32", "bfloat16", "float16"))
+Format = _choices("Format", ("table", "jsonl", "json", "csv", "tsv"))
+Aggregate = _choices("Aggregate", ("mean", "max"))
+Quantize = _choices("Quantize", ("int8",))
+Amp = _choices("Amp", ("auto", "bf16", "fp16", "off"))
+Arch = _choices("Arch", ("ast", "elastic"))
+Size = _choices("Size", ("tiny", "small", "base"))
+Init = _choices("Init", ("imagenet", "none"))
+
+
+def _value(choice: enum.Enum | None) -> str | None:
+    return None if choice is None else choice.value
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -78,16 +101,16 @@ def tag(
                               "smaller values overlap windows)."),
     hop_ms: float = typer.Option(None, "--hop-ms", help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
                                  "fewer tokens and faster tagging)."),
-    aggregate: str = typer.Option(None, "--aggregate", help="Per-file score over windows: mean or max "
+    aggregate: Aggregate = typer.Option(None, "--aggregate", help="Per-file score over windows: mean or max "
                                   "(default: max for multi-label models, mean otherwise)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Tags per file/window; 0 = every class."),
     threshold: float = typer.Option(None, "--threshold", help="Keep only tags scoring at least this."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
+    fmt: Format = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
                             "(default: table on a terminal, jsonl otherwise, or from -o's extension)."),
     output: str = typer.Option(None, "--output", "-o", help="Write records to this file instead of stdout."),
     timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (and per-window CSV rows)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: Device = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: DType = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Tokens per packed forward pass "
                                      "(default: 2048 on CPU, 16384 on CUDA)."),
     workers: int = typer.Option(1, "--workers", help="Threads decoding audio while the model runs."),
@@ -99,17 +122,15 @@ def tag(
         raise typer.Exit()
     if not files:
         raise UsageError("no inputs: give audio files, directories, or '-' to read paths from stdin")
-    from astcli.tag import TagOptions, expand_inputs, tag_files
+    from astcli.pipeline import TagOptions, expand_inputs, tag_files
     from astcli.tagger import load_ensemble
-    from astcli.writers import FORMATS, format_for, make_writer
+    from astcli.writers import format_for, make_writer
 
-    fmt = fmt or format_for(output, sys.stdout.isatty())
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    fmt = _value(fmt) or format_for(output, sys.stdout.isatty())
     paths = expand_inputs(files, recursive, sys.stdin if "-" in files else None)
-    options = TagOptions(window=window, hop=hop, aggregate=aggregate, top_k=top_k, threshold=threshold,
-                         timeline=timeline, batch_tokens=batch_tokens, workers=workers)
-    tagger = load_ensemble(model or ["ast-audioset"], labels=labels, device=device, dtype=dtype,
+    options = TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
+                         threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers)
+    tagger = load_ensemble(model or ["ast-audioset"], labels=labels, device=_value(device), dtype=_value(dtype),
                            revision=revision, hop_ms=hop_ms)
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     failed = 0
@@ -193,7 +214,7 @@ _RECIPE_OPTIONS = (
     ("lr", float, "--lr", "Peak learning rate."),
     ("batch_size", int, "--batch-size", "Clips per step at full window length (sets the token budget)."),
     ("batch_tokens", int, "--batch-tokens", "Token budget per batch (instead of --batch-size)."),
-    ("window", int, "--window", "Frames per clip (10 ms): the AST window, the ElasticAST length cap."),
+    ("window", int, "--window-frames", "Frames per clip (10 ms): the AST window, the ElasticAST length cap."),
     ("freqm", int, "--freqm", "SpecAugment frequency mask width (mel bins)."),
     ("timem", int, "--timem", "SpecAugment time mask width (frames at the recipe's reference length)."),
     ("mixup", float, "--mixup", "Share of training clips mixed with another (lambda ~ Beta(10, 10))."),
@@ -267,7 +288,7 @@ def _run_training(command: str, options: dict, start) -> None:
     from astcli.train import experiment
 
     shared = {name: options.pop(name) for name, _, _ in _TRAINING}
-    runtime = {"device": shared["device"], "num_workers": shared["num_workers"],
+    runtime = {"device": _value(shared["device"]), "num_workers": shared["num_workers"],
                "progress": True if shared["progress"] else None}
     dataset, output = shared["dataset"], shared["output"]
     if shared["resume"]:
@@ -276,7 +297,7 @@ def _run_training(command: str, options: dict, start) -> None:
         raise UsageError(f"ast {command} needs --dataset and --output (or --resume DIR)")
     else:
         result = start(experiment, dataset, output, data_dir=shared["data_dir"], folds=_parse_folds(shared["folds"]),
-                       seed=shared["seed"], amp=shared["amp"], **runtime, **options)
+                       seed=shared["seed"], amp=_value(shared["amp"]), **runtime, **options)
     if result.interrupted:
         print(f"ast: interrupted: state saved in {result.out_dir}; continue with "
               f"`ast {command} --resume {result.out_dir}`", file=sys.stderr)
@@ -297,8 +318,8 @@ _TRAINING = (
     ("folds", str, typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no "
                                 "cross-validation.")),
     ("seed", int, typer.Option(0, "--seed", help="Random seed.")),
-    ("amp", str, typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off.")),
-    ("device", str, typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")),
+    ("amp", Amp, typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off.")),
+    ("device", Device, typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda.")),
     ("num_workers", int, typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, "
                                       "cores)).")),
     ("progress", bool, typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
@@ -330,15 +351,15 @@ def finetune(
 )
 @_training_command
 def train(
-    arch: str = typer.Option("ast", "--arch", help="ast or elastic."),
-    size: str = typer.Option("base", "--size", help="tiny, small or base."),
-    init: str = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
+    arch: Arch = typer.Option("ast", "--arch", help="ast or elastic."),
+    size: Size = typer.Option("base", "--size", help="tiny, small or base."),
+    init: Init = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
     model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
                                            "(e.g. depth=6), repeatable."),
     **options,
 ) -> None:
     def start(experiment, dataset, output, **common):
-        return experiment.train(dataset, output, arch=arch, size=size, init=init,
+        return experiment.train(dataset, output, arch=_value(arch), size=_value(size), init=_value(init),
                                 model_options=_parse_model_options(model_option), **common)
 
     _run_training("train", options, start)
@@ -364,7 +385,7 @@ def export(
                               "Attention op, which needs a recent onnxruntime)."),
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute, for CUDAExecutionProvider "
                               "(inputs and outputs stay float32)."),
-    quantize: str = typer.Option(None, "--quantize", help="int8: dynamically quantized weights, for CPU."),
+    quantize: Quantize = typer.Option(None, "--quantize", help="int8: dynamically quantized weights, for CPU."),
     with_features: bool = typer.Option(False, "--with-features", help="Take waveforms [clips, samples] at the "
                                        "model's sample rate instead of patches: fbank and patching in the graph."),
 ) -> None:
@@ -373,7 +394,7 @@ def export(
     from astcli.export import export_model
 
     report = export_model(model, output, labels=labels, revision=revision, hop_ms=hop_ms, opset=opset, fp16=fp16,
-                          quantize=quantize, with_features=with_features)
+                          quantize=_value(quantize), with_features=with_features)
     for line in report.lines():
         typer.echo(line)
 
@@ -389,7 +410,8 @@ def _fail(message: str, code: int) -> None:
 
 
 # Parameters whose flag is not ``--`` + the name with ``_`` -> ``-``
-_FLAGS = {"warmup_steps": "--warmup", "fmt": "--format", "out_dir": "--output", "model_options": "--model-option"}
+_FLAGS = {"warmup_steps": "--warmup", "fmt": "--format", "out_dir": "--output", "model_options": "--model-option",
+          "window_seconds": "--window", "hop_seconds": "--hop", "window": "--window-frames"}
 
 
 def flag_for(parameter: str) -> str:
@@ -404,11 +426,26 @@ def _message(exc: AstcliError) -> str:
     return str(exc)
 
 
+# The usage-error class of the option parser Typer runs (its own copy of click's): BadParameter's base
+_PARSE_ERROR = typer.BadParameter.__mro__[1]
+
+
 def main() -> None:
-    """Console-script entry point: run the app and turn library errors into one line + exit code."""
+    """Console-script entry point: run the app and turn library errors into one line + exit code.
+
+    Errors of the option parser (an unknown option, a value outside an option's choices) get the same one line;
+    ``ast`` alone prints the help."""
     keep_freed_memory()
     try:
-        app(prog_name="ast")
+        code = app(prog_name="ast", standalone_mode=False)
+    except _PARSE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+            sys.exit(EXIT_USAGE)
+        _fail(exc.format_message(), EXIT_USAGE)
+    except typer.Abort:  # Ctrl-C, as the parser reports it
+        print("ast: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ModelError, UsageError, DatasetError) as exc:
         _fail(_message(exc), EXIT_USAGE)
     except AstcliError as exc:
@@ -418,6 +455,8 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         _quiet_broken_pipe()
+    else:
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 def _quiet_broken_pipe() -> None:

@@ -1,10 +1,10 @@
-"""ONNX export of a tagger (``ast export --onnx``) and the ONNX Runtime backend (``OnnxTagger``).
+"""ONNX export of a PyTorch model (``ast export --onnx``) and its verification against PyTorch.
 
 Two graphs can be written (docs/export.md has the full contract):
 
 * the packed graph (default): the model core on one ``PackedBatch``. Inputs ``patches``, ``freq_pos``,
   ``time_pos``, ``token_kind``, ``clip_ids`` ``[rows, length(, patch*patch)]`` and ``clip_index`` =
-  ``arange(clips)``, whose length carries the number of clips as a graph dimension. ``OnnxTagger`` runs it
+  ``arange(clips)``, whose length carries the number of clips as a graph dimension. ``backends.OnnxBackend`` runs it
   with the same features, windows and packing as the PyTorch backend, so ``ast tag --model model.onnx`` works.
 * the waveform graph (``with_features=True``): waveforms ``[clips, samples]`` at the model's sample rate in,
   scores out; Kaldi fbank, fitting to the window, normalisation and patching run inside the graph, so a
@@ -35,26 +35,25 @@ import torch
 from torch import nn
 
 from astcli import __version__, files
-from astcli.errors import ModelError, UsageError
-from astcli.features import PREEMPHASIS, mel_filters, normalize
+from astcli.backends import META, OUTPUTS, PACKED_INPUTS, TorchBackend, session_options
+from astcli.errors import ModelError, ParameterError, UsageError
+from astcli.features import KaldiFbank, normalize, samples_for_frames
 from astcli.model.config import ModelConfig
-from astcli.model.packing import CLS, DIST, Clip, PackedBatch, batch_clips, fit_frames, pack_clips, patchify
-from astcli.tagger import AudioTagger, checked_hop
+from astcli.model.packing import Clip, PackedBatch, fit_batch, fit_frames, pack_clips, pack_rows, patchify
+from astcli.model.presets import DEFAULT_MODEL
+from astcli.model.transformer import probabilities
+from astcli.tagger import Tagger, load_model
 
-PACKED_INPUTS = ("patches", "freq_pos", "time_pos", "token_kind", "clip_ids", "clip_index")
 WAVEFORM_INPUTS = ("waveform",)
-OUTPUTS = ("logits", "probabilities")
 PRECISIONS = ("float32", "float16", "int8")
 QUANTIZE = ("int8",)
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 17, 25  # LayerNormalization needs 17; 26+ trips the exporter's Attention op (torch 2.13)
-META = "astcli."  # prefix of every metadata_props key we write
 # A float32 graph must reproduce PyTorch's logits; float16 and int8 graphs are compared with the float32
 # PyTorch model on probabilities. Those two bounds catch broken graphs, not small accuracy losses: the
 # measured deviation is printed with every export.
 LOGIT_TOLERANCE = 1e-4
 PROB_TOLERANCE = {"float16": 1e-2, "int8": 0.1}
-FRAME_LENGTH_MS = 25.0  # Kaldi's frame, as astcli.features uses it
 
 
 # -- the exported modules --------------------------------------------------------------------------------
@@ -62,7 +61,7 @@ FRAME_LENGTH_MS = 25.0  # Kaldi's frame, as astcli.features uses it
 
 def _scores(logits: torch.Tensor, multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
-    return logits, logits.sigmoid() if multi_label else logits.softmax(-1)
+    return logits, probabilities(logits, multi_label)
 
 
 def _forward(model: nn.Module, batch: PackedBatch, mask: torch.Tensor | None):
@@ -92,47 +91,6 @@ class PackedGraph(nn.Module):
         return _forward(self.model, batch, mask)
 
 
-class KaldiFbank(nn.Module):
-    """``astcli.features.fbank`` of equal-length waveforms ``[clips, samples]`` -> ``[clips, frames, mel]``,
-    in ops every ONNX runtime has.
-
-    Pre-emphasis and the Hann window are linear maps of a frame, so they fold with the real DFT into one
-    ``[frame_length, 2 * bins]`` matrix: framing (a gather), DC removal, one matmul, power, mel matmul, log.
-    It runs in float64, so that it matches Kaldi's fbank to float32 rounding (in float32 the log energy of
-    near-empty bins is ~1e-3 off); its cost is small next to the transformer's. The output is float32.
-    """
-
-    def __init__(self, sample_rate: int, num_mel_bins: int, hop_ms: float):
-        super().__init__()
-        self.length = int(sample_rate * FRAME_LENGTH_MS * 0.001)
-        self.shift = int(sample_rate * hop_ms * 0.001)
-        n_fft = 1 << (self.length - 1).bit_length()
-        bins = n_fft // 2  # the Nyquist bin carries no mel weight
-        f64 = dict(dtype=torch.float64)
-        window = torch.hann_window(self.length, periodic=False, **f64)
-        eye = torch.eye(self.length, **f64)
-        emphasis = eye - PREEMPHASIS * torch.diag(torch.ones(self.length - 1, **f64), 1)
-        emphasis[0, 0] = 1.0 - PREEMPHASIS
-        angle = 2 * math.pi * torch.outer(torch.arange(self.length, **f64), torch.arange(bins, **f64)) / n_fft
-        dft = torch.cat([angle.cos(), angle.sin()], 1)
-        self.register_buffer("frontend", emphasis @ torch.diag(window) @ dft)
-        self.register_buffer("filters", mel_filters(sample_rate, n_fft, num_mel_bins))
-        self.eps = torch.finfo(torch.float32).eps
-
-    def samples_for(self, frames: int) -> int:
-        """Samples that make ``frames`` whole frames."""
-        return (frames - 1) * self.shift + self.length
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        count = (waveform.shape[1] - self.length) // self.shift + 1
-        index = torch.arange(count).unsqueeze(1) * self.shift + torch.arange(self.length)
-        frames = waveform.double()[:, index]  # [clips, frames, frame_length]
-        spectrum = (frames - frames.mean(-1, keepdim=True)) @ self.frontend  # [clips, frames, 2 * bins]
-        real, imag = spectrum.chunk(2, dim=-1)
-        power = real * real + imag * imag
-        return (power @ self.filters).clamp_min(self.eps).log().float()
-
-
 class WaveformGraph(nn.Module):
     """Waveforms ``[clips, samples]`` -> scores: fbank, the family's window rule, normalisation, patches.
 
@@ -148,36 +106,8 @@ class WaveformGraph(nn.Module):
 
     def forward(self, waveform: torch.Tensor):
         c = self.model.config
-        p, clips = c.patch_size, waveform.shape[0]
-        x = self.fbank(waveform[:, : self.fbank.samples_for(c.max_frames)])
-        if c.pads_to_window:  # zero frames up to the trained window (before normalisation, as fit_frames)
-            pad, keep = c.max_frames, c.max_frames
-        else:  # whole patches, at least one (short clips are zero-padded to one patch)
-            pad, keep = p, torch.sym_max(p, x.shape[1] // p * p)
-        x = torch.cat([x, x.new_zeros(clips, pad, c.num_mel_bins)], 1)[:, :keep]
-        image = normalize(x, c.mean, c.std).transpose(1, 2)  # [clips, mel, frames]
-        nf, nt = c.grid_freq, (image.shape[2] - p) // c.time_stride + 1
-        within = torch.arange(p)
-        f_index = torch.arange(nf).unsqueeze(1) * c.freq_stride + within  # [nf, p]
-        t_index = torch.arange(nt).unsqueeze(1) * c.time_stride + within  # [nt, p]
-        grid = image[:, f_index[:, None, :, None], t_index[None, :, None, :]]  # [clips, nf, nt, p, p]
-        patches = grid.reshape(clips, nf * nt, p * p)
-        freq_pos = torch.arange(nf).unsqueeze(1).expand(nf, nt).reshape(-1)
-        time_pos = torch.arange(nt).unsqueeze(0).expand(nf, nt).reshape(-1)
-        k = c.prefix_tokens
-        lead = torch.zeros(k, dtype=torch.long)
-        patches = torch.cat([patches.new_zeros(clips, k, p * p), patches], 1)
-        kinds = torch.cat([torch.tensor([CLS, DIST][:k], dtype=torch.long), torch.zeros_like(freq_pos)])
-        width = kinds.shape[0]
-        batch = PackedBatch(
-            patches,
-            torch.cat([lead, freq_pos]).expand(clips, width),
-            torch.cat([lead, time_pos]).expand(clips, width),
-            kinds.expand(clips, width),
-            torch.arange(clips).unsqueeze(1).expand(clips, width),
-            clips,
-        )
-        return _forward(self.model, batch, None)  # one clip per row: no mask
+        frames = fit_batch(self.fbank(waveform[:, : self.fbank.samples_for(c.max_frames)]), c)
+        return _forward(self.model, pack_rows(normalize(frames, c.mean, c.std), c), None)  # one clip per row
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -248,25 +178,25 @@ class ExportReport:
 
 
 def precision_for(fp16: bool = False, quantize: str | None = None) -> str:
-    """The graph precision named by the CLI's ``--fp16`` / ``--quantize`` options."""
+    """The graph precision that ``fp16`` / ``quantize`` name: float16, int8 or float32."""
     if quantize is not None and quantize not in QUANTIZE:
-        raise UsageError(f"--quantize {quantize!r} is not supported (choose {', '.join(QUANTIZE)})")
+        raise ParameterError("quantize", f"{quantize!r} is not supported (choose {', '.join(QUANTIZE)})")
     if fp16 and quantize:
-        raise UsageError("--fp16 and --quantize exclude each other: float16 is for GPUs, int8 for CPUs")
+        raise UsageError("fp16 and quantize exclude each other: float16 is for GPUs, int8 for CPUs")
     return "float16" if fp16 else quantize or "float32"
 
 
 def _check_options(opset: int, precision: str) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"--opset must lie between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
+        raise ParameterError("opset", f"must lie between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
     if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r} (choose {', '.join(PRECISIONS)})")
+        raise ParameterError("precision", f"{precision!r} is unknown (choose {', '.join(PRECISIONS)})")
 
 
 def _check_destination(output: Path) -> None:
     """Fail before the slow part when ``output`` cannot be written (by trying to create a file beside it)."""
     if output.suffix != ".onnx":
-        raise UsageError(f"{output}: the output file must end in .onnx (that is how `ast tag --model` knows it)")
+        raise UsageError(f"{output}: the output file must end in .onnx (that is how tagging recognises an ONNX model)")
     if output.is_dir():
         raise UsageError(f"{output}: is a directory; give a file name ending in .onnx")
     parent = output.parent
@@ -287,9 +217,6 @@ def export_model(source: str | None, output: str | Path, *, labels=None, revisio
 
     Options are checked before the model is loaded, so mistakes fail fast.
     """
-    from astcli.model.presets import DEFAULT_MODEL
-    from astcli.tagger import load_model
-
     precision = precision_for(fp16, quantize)
     opset = DEFAULT_OPSET if opset is None else opset
     _check_options(opset, precision)
@@ -300,7 +227,7 @@ def export_model(source: str | None, output: str | Path, *, labels=None, revisio
     return export_onnx(tagger, output, opset=opset, precision=precision, with_features=with_features)
 
 
-def export_onnx(tagger: AudioTagger, output: str | Path, *, opset: int = DEFAULT_OPSET,
+def export_onnx(tagger: Tagger, output: str | Path, *, opset: int = DEFAULT_OPSET,
                 precision: str = "float32", with_features: bool = False) -> ExportReport:
     """Write ``tagger``'s model to ``output`` as ONNX, verified against PyTorch with ONNX Runtime.
 
@@ -309,14 +236,14 @@ def export_onnx(tagger: AudioTagger, output: str | Path, *, opset: int = DEFAULT
     otherwise a ModelError says by how much it missed and nothing is left behind.
     """
     _check_options(opset, precision)
-    if isinstance(tagger, OnnxTagger):
-        raise UsageError(f"{tagger.name} is already an ONNX model")
-    if not isinstance(tagger, AudioTagger):
+    if len(tagger.backends) != 1:
         raise UsageError("only a single model can be exported (an ensemble is several graphs: export each member)")
+    if not isinstance(tagger.backends[0], TorchBackend):
+        raise UsageError(f"{tagger.name} is already an ONNX model")
     output = Path(output).expanduser()
     _check_destination(output)
-    model = copy.deepcopy(tagger.model).to("cpu", torch.float32).eval()
-    model.config = dataclasses.replace(model.config, hop_ms=tagger.hop_ms)  # the tagger's hop: the graph's default
+    model = copy.deepcopy(tagger.backends[0].model).to("cpu", torch.float32).eval()
+    model.config = dataclasses.replace(model.config, hop_ms=tagger.feature_hop_ms)  # this run's hop: the default
     graph = "waveform" if with_features else "packed"
     cases = _waveform_cases(tagger) if with_features else _packed_cases(tagger)
     with torch.inference_mode():
@@ -325,7 +252,7 @@ def export_onnx(tagger: AudioTagger, output: str | Path, *, opset: int = DEFAULT
     with tempfile.TemporaryDirectory(prefix=".astcli-export-", dir=output.parent) as work:
         work = Path(work)
         traced = copy.deepcopy(model).half() if precision == "float16" else model
-        module = WaveformGraph(traced, tagger.hop_ms) if with_features else PackedGraph(traced)
+        module = WaveformGraph(traced, tagger.feature_hop_ms) if with_features else PackedGraph(traced)
         path = _to_onnx(module, cases[-1], work / "graph.onnx", opset, with_features)
         first = "float16" if precision == "float16" else "float32"
         verifications = [_verify(path, first, cases, references)]
@@ -368,7 +295,7 @@ def _to_onnx(module: nn.Module, example: dict, path: Path, opset: int, with_feat
             program.save(str(path), external_data=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX export failed ({reason}); run with --debug for the trace") from exc
+        raise ModelError(f"ONNX export failed ({reason})") from exc
     return path
 
 
@@ -434,7 +361,7 @@ def _lengths(config: ModelConfig) -> list[int]:
     return sorted({full, max(p, full // 2), max(p, full // 5)}, reverse=True)
 
 
-def _packed_cases(tagger: AudioTagger) -> list[dict]:
+def _packed_cases(tagger: Tagger) -> list[dict]:
     """Each length as a batch of its own, then all of them (plus one more) packed into two rows."""
     c = tagger.config
     frames = tagger.features(_test_signal(_samples(tagger, c.max_frames), c.sample_rate))
@@ -456,12 +383,11 @@ def _packed_case(name: str, clips: list[Clip], config: ModelConfig, row_tokens: 
             "clip_index": torch.arange(batch.num_clips)}
 
 
-def _samples(tagger: AudioTagger, frames: int) -> int:
-    shift = int(tagger.sample_rate * tagger.hop_ms * 0.001)
-    return (frames - 1) * shift + int(tagger.sample_rate * FRAME_LENGTH_MS * 0.001)
+def _samples(tagger: Tagger, frames: int) -> int:
+    return samples_for_frames(frames, tagger.feature_hop_ms, tagger.sample_rate)
 
 
-def _waveform_cases(tagger: AudioTagger) -> list[dict]:
+def _waveform_cases(tagger: Tagger) -> list[dict]:
     """Single waveforms shorter than, equal to and longer than a window, then three equal-length ones."""
     c = tagger.config
     full = _samples(tagger, c.max_frames)
@@ -474,7 +400,7 @@ def _waveform_cases(tagger: AudioTagger) -> list[dict]:
     return cases
 
 
-def _reference_batch(tagger: AudioTagger, model: nn.Module, case: dict, with_features: bool) -> PackedBatch:
+def _reference_batch(tagger: Tagger, model: nn.Module, case: dict, with_features: bool) -> PackedBatch:
     """The PyTorch pipeline's batch for a case: the library's fbank (in float64, the exact reference the
     graph's float64 front end is held to), fit, normalise and patchify."""
     if not with_features:
@@ -501,120 +427,3 @@ def _verify(path: Path, precision: str, cases: list[dict], references) -> Verifi
     if precision == "float32":
         return Verification(precision, checks, "logit", LOGIT_TOLERANCE)
     return Verification(precision, checks, "prob", PROB_TOLERANCE[precision])
-
-
-# -- ONNX Runtime backend -------------------------------------------------------------------------------
-
-
-def session_options():
-    """Every core for intra-op work, all graph optimisations, warnings off (errors still raise)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    options.log_severity_level = 3
-    return options
-
-
-def _gpu_present() -> bool:
-    return torch.cuda.is_available() or any(Path("/proc/driver/nvidia/gpus").glob("*"))
-
-
-def execution_providers(device=None) -> list:
-    """ONNX Runtime providers for ``device``: None/"auto" -> CUDA when onnxruntime-gpu and a GPU are there,
-    else CPU; "cuda[:N]" without CUDAExecutionProvider is a usage error."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    kind = "auto" if device is None else str(device)
-    if kind == "auto":
-        return (["CUDAExecutionProvider"] if has_cuda and _gpu_present() else []) + ["CPUExecutionProvider"]
-    if kind == "cpu":
-        return ["CPUExecutionProvider"]
-    if kind == "cuda" or kind.startswith("cuda:"):
-        if not has_cuda:
-            raise UsageError("--device cuda with an ONNX model needs onnxruntime-gpu (CUDAExecutionProvider); "
-                             f"this onnxruntime has {', '.join(available)}")
-        index = kind.partition(":")[2]
-        if index and not index.isdigit():
-            raise UsageError(f"unknown device {device!r}")
-        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
-    raise UsageError(f"device {device!r} is not available for ONNX models (choose cpu or cuda)")
-
-
-class OnnxTagger(AudioTagger):
-    """An exported packed graph run by ONNX Runtime, with ``AudioTagger``'s features, windows and packing.
-
-    The configuration (labels, statistics, window, hop) comes from the file's metadata; ``labels`` replaces
-    the stored class names, ``hop_ms`` the feature hop (ElasticAST only, as for PyTorch models).
-    """
-
-    def __init__(self, path: str | Path, labels: list[str] | None = None, device=None,
-                 hop_ms: float | None = None):
-        import onnxruntime as ort
-
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ModelError(f"{path}: no such file")
-        providers = execution_providers(device)
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: not a loadable ONNX model ({reason})") from exc
-        if device not in (None, "auto", "cpu") and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise UsageError(f"--device {device}: ONNX Runtime could not use a CUDA GPU")
-        self.metadata = {k.removeprefix(META): v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
-                         if k.startswith(META)}
-        self._config = _config_from(self.metadata, path)
-        graph = self.metadata.get("graph")
-        if graph != "packed":
-            raise ModelError(f"{path}: holds a {graph} graph; `ast tag` needs the packed graph "
-                             "(export without --with-features)")
-        if labels is not None:
-            if len(labels) != self._config.num_classes:
-                raise ModelError(f"{len(labels)} labels given for a model with {self._config.num_classes} classes")
-            self._config = dataclasses.replace(self._config, labels=tuple(labels))
-        self.name = str(path)
-        self.precision = self.metadata.get("precision", "float32")
-        self.device = torch.device("cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu")
-        self.dtype = torch.float32
-        self.hop_ms = checked_hop(self._config, hop_ms, str(path))
-
-    @property
-    def config(self) -> ModelConfig:
-        return self._config
-
-    def run(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits, probabilities)`` of one packed batch, as numpy arrays."""
-        feeds = {
-            "patches": np.ascontiguousarray(batch.patches.numpy(), dtype=np.float32),
-            "freq_pos": batch.freq_pos.numpy(), "time_pos": batch.time_pos.numpy(),
-            "token_kind": batch.token_kind.numpy(), "clip_ids": batch.clip_ids.numpy(),
-            "clip_index": np.arange(batch.num_clips, dtype=np.int64),
-        }
-        logits, probs = self.session.run(list(OUTPUTS), feeds)
-        return logits, probs
-
-    def logits(self, clips: list[Clip], batch_tokens: int | None = None) -> torch.Tensor:
-        """Logits ``[len(clips), classes]`` (float32, CPU), packing clips into batches of ``batch_tokens``."""
-        prefix = self.config.prefix_tokens
-        out = torch.empty(len(clips), self.config.num_classes)
-        for idx in batch_clips([len(c) + prefix for c in clips], batch_tokens or self.default_batch_tokens):
-            out[idx] = torch.from_numpy(self.run(pack_clips([clips[i] for i in idx], prefix))[0]).float()
-        return out
-
-    def save(self, directory: str | Path) -> Path:
-        raise ModelError(f"{self.name} is an ONNX graph; it cannot be saved as a PyTorch checkpoint")
-
-
-def _config_from(metadata: dict[str, str], path: Path) -> ModelConfig:
-    if "config" not in metadata:
-        raise ModelError(f"{path}: not an astcli export (no {META}config in its metadata)")
-    try:
-        return ModelConfig.from_dict(json.loads(metadata["config"]))
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable {META}config metadata ({exc})") from exc

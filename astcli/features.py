@@ -10,24 +10,22 @@ ElasticAST's "resolution" q is the hop: ``frame_shift_ms = 10 * q``.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+from torch import nn
 
-NORM_STATS: dict[str, tuple[float, float]] = {
-    "audioset": (-4.2677393, 4.5689974),
-    "esc50": (-6.6268077, 5.358466),
-    "speechcommands": (-6.845978, 5.5654526),
-    "elastic-audioset": (-4.414, 4.905),
-}
-
+FRAME_LENGTH_MS = 25.0  # Kaldi's (and AST's) analysis frame
 PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 _EPS = torch.finfo(torch.float32).eps
 _CHUNK_FRAMES = 1024  # frames per pass: fits in cache, few sync points between threads
 
 
-def _frame_sizes(sample_rate: int, frame_shift_ms: float, frame_length_ms: float) -> tuple[int, int]:
-    """Window length and hop in samples, rounded as Kaldi does."""
+def frame_sizes(sample_rate: int, frame_shift_ms: float, frame_length_ms: float = FRAME_LENGTH_MS) -> tuple[int, int]:
+    """Frame length and hop in samples, rounded down as Kaldi does (400 and 160 at 16 kHz, 25 / 10 ms).
+
+    Raises ValueError when the frame is under 2 samples or the hop under 1."""
     length = frame_length_samples(sample_rate, frame_length_ms)
     shift = int(sample_rate * frame_shift_ms * 0.001)
     if length < 2 or shift < 1:
@@ -35,17 +33,25 @@ def _frame_sizes(sample_rate: int, frame_shift_ms: float, frame_length_ms: float
     return length, shift
 
 
-def frame_length_samples(sample_rate: int, frame_length_ms: float = 25.0) -> int:
+def frame_length_samples(sample_rate: int, frame_length_ms: float = FRAME_LENGTH_MS) -> int:
     """Samples in one analysis frame (Kaldi's rounding): the least audio that yields a feature frame."""
     return int(sample_rate * frame_length_ms * 0.001)
 
 
 def frames_for_samples(
-    num_samples: int, frame_shift_ms: float = 10.0, sample_rate: int = 16000, frame_length_ms: float = 25.0
+    num_samples: int, frame_shift_ms: float = 10.0, sample_rate: int = 16000, frame_length_ms: float = FRAME_LENGTH_MS
 ) -> int:
     """Number of fbank frames for `num_samples` samples (snip_edges: only whole frames)."""
-    length, shift = _frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
+    length, shift = frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
     return 1 + (num_samples - length) // shift if num_samples >= length else 0
+
+
+def samples_for_frames(
+    frames: int, frame_shift_ms: float = 10.0, sample_rate: int = 16000, frame_length_ms: float = FRAME_LENGTH_MS
+) -> int:
+    """Fewest samples that make ``frames`` whole frames (the inverse of ``frames_for_samples``)."""
+    length, shift = frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
+    return (frames - 1) * shift + length if frames > 0 else 0
 
 
 def mel_filters(sample_rate: int, n_fft: int, num_mel_bins: int) -> torch.Tensor:
@@ -117,13 +123,13 @@ def fbank(
     *,
     num_mel_bins: int = 128,
     frame_shift_ms: float = 10.0,
-    frame_length_ms: float = 25.0,
+    frame_length_ms: float = FRAME_LENGTH_MS,
 ) -> torch.Tensor:
     """Kaldi log-mel fbank [num_frames, num_mel_bins] of a 1-D waveform in [-1, 1].
 
     Computed in float32, as torchaudio does; a float64 waveform gets exact float64 maths (about 2x slower).
     """
-    length, shift = _frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
+    length, shift = frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
     return _fbank_frames(_frame(waveform, length, shift), sample_rate, num_mel_bins)
 
 
@@ -133,10 +139,10 @@ def fbank_batch(
     *,
     num_mel_bins: int = 128,
     frame_shift_ms: float = 10.0,
-    frame_length_ms: float = 25.0,
+    frame_length_ms: float = FRAME_LENGTH_MS,
 ) -> list[torch.Tensor]:
     """`fbank` of many clips, their frames pooled into shared FFT and matmul passes."""
-    length, shift = _frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
+    length, shift = frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
     frames = [_frame(w, length, shift) for w in waveforms]
     results: list[torch.Tensor] = []
     start = 0
@@ -152,6 +158,47 @@ def fbank_batch(
     return results
 
 
+class KaldiFbank(nn.Module):
+    """The traceable twin of ``fbank`` (for ONNX export): equal-length waveforms ``[clips, samples]`` ->
+    ``[clips, frames, mel]``, in ops every ONNX runtime has.
+
+    Pre-emphasis and the Hann window are linear maps of a frame, so they fold with the real DFT into one
+    ``[frame_length, 2 * bins]`` matrix: framing (a gather), DC removal, one matmul, power, mel matmul, log.
+    It runs in float64, so that it matches Kaldi's fbank to float32 rounding (in float32 the log energy of
+    near-empty bins is ~1e-3 off); its cost is small next to the transformer's. The output is float32.
+    """
+
+    def __init__(self, sample_rate: int, num_mel_bins: int, hop_ms: float):
+        super().__init__()
+        self.sample_rate, self.hop_ms = sample_rate, hop_ms
+        self.length, self.shift = frame_sizes(sample_rate, hop_ms)
+        n_fft = 1 << (self.length - 1).bit_length()
+        bins = n_fft // 2  # the Nyquist bin carries no mel weight
+        f64 = dict(dtype=torch.float64)
+        window = torch.hann_window(self.length, periodic=False, **f64)
+        eye = torch.eye(self.length, **f64)
+        emphasis = eye - PREEMPHASIS * torch.diag(torch.ones(self.length - 1, **f64), 1)
+        emphasis[0, 0] = 1.0 - PREEMPHASIS
+        angle = 2 * math.pi * torch.outer(torch.arange(self.length, **f64), torch.arange(bins, **f64)) / n_fft
+        dft = torch.cat([angle.cos(), angle.sin()], 1)
+        self.register_buffer("frontend", emphasis @ torch.diag(window) @ dft)
+        self.register_buffer("filters", mel_filters(sample_rate, n_fft, num_mel_bins))
+        self.eps = torch.finfo(torch.float32).eps
+
+    def samples_for(self, frames: int) -> int:
+        """Samples that make ``frames`` whole frames."""
+        return samples_for_frames(frames, self.hop_ms, self.sample_rate)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        count = (waveform.shape[1] - self.length) // self.shift + 1
+        index = torch.arange(count).unsqueeze(1) * self.shift + torch.arange(self.length)
+        frames = waveform.double()[:, index]  # [clips, frames, frame_length]
+        spectrum = (frames - frames.mean(-1, keepdim=True)) @ self.frontend  # [clips, frames, 2 * bins]
+        real, imag = spectrum.chunk(2, dim=-1)
+        power = real * real + imag * imag
+        return (power @ self.filters).clamp_min(self.eps).log().float()
+
+
 class StreamingFbank:
     """Incremental `fbank` of a long signal fed as consecutive blocks (e.g. from `stream_audio`).
 
@@ -165,11 +212,11 @@ class StreamingFbank:
         *,
         num_mel_bins: int = 128,
         frame_shift_ms: float = 10.0,
-        frame_length_ms: float = 25.0,
+        frame_length_ms: float = FRAME_LENGTH_MS,
     ):
         self.sample_rate = sample_rate
         self.num_mel_bins = num_mel_bins
-        self.length, self.shift = _frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
+        self.length, self.shift = frame_sizes(sample_rate, frame_shift_ms, frame_length_ms)
         self.num_frames = 0  # frames returned so far
         self._pending = torch.empty(0)  # samples from the start of the next frame on
         self._skip = 0  # samples still to drop before the next frame (hop longer than the frame)
@@ -188,5 +235,8 @@ class StreamingFbank:
 
 
 def normalize(features: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """AST normalisation: (features - mean) / (2 * std); see NORM_STATS for dataset presets."""
+    """AST normalisation: (features - mean) / (2 * std) (Gong et al. 2021's released code).
+
+    The statistics belong to a model: ``ModelConfig.mean`` / ``std`` (per-family defaults in
+    ``astcli.model.config.DEFAULT_STATS``)."""
     return (features - mean) / (2 * std)

@@ -21,9 +21,10 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from astcli.export import OnnxTagger, export_onnx
+from astcli.backends import BATCH_TOKENS, OnnxBackend, TorchBackend
+from astcli.export import export_onnx
 from astcli.model import AudioTransformer, ast_config, elastic_config
-from astcli.tagger import BATCH_TOKENS, AudioTagger
+from astcli.tagger import Tagger
 
 ELASTIC_SECONDS = (10.24, 8.0, 6.5, 5.0, 4.0, 3.2, 2.5, 1.6, 1.0)  # native lengths, 42 s of audio
 
@@ -36,10 +37,10 @@ def signal(seconds: float, sample_rate: int, seed: int) -> torch.Tensor:
     return (x + 0.05 * torch.randn(t.shape, generator=gen)).float()
 
 
-def make_tagger(family: str, size: str) -> AudioTagger:
+def make_tagger(family: str, size: str) -> Tagger:
     torch.manual_seed(0)
     config = (ast_config if family == "ast" else elastic_config)(size, num_classes=527)
-    return AudioTagger(AudioTransformer(config), device="cpu", name=f"{family}-{size} (random)")
+    return Tagger(TorchBackend(AudioTransformer(config), device="cpu", name=f"{family}-{size} (random)"))
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -68,7 +69,7 @@ def bench(family: str, size: str, windows: int, repeat: int, opsets: list[int], 
         start = time.perf_counter()
         report = export_onnx(tagger, work / f"{family}-{precision}-{opset}.onnx", opset=opset, precision=precision)
         print(f"export {precision} opset {opset}: {time.perf_counter() - start:.1f} s; " + report.lines()[-1])
-        backends[f"ort {precision} op{opset}"] = OnnxTagger(report.path, device="cpu")
+        backends[f"ort {precision} op{opset}"] = Tagger(OnnxBackend(report.path, device="cpu"))
 
     for backend in backends.values():  # warm-up: allocations, ORT's first-run planning
         backend.logits(clips[:1], batch_tokens)

@@ -106,11 +106,12 @@ def run_astcli(model_dir: Path, paths: list[str], dtype: str) -> tuple[float, np
 
 def elastic_native_vs_padded(paths: list[str]) -> None:
     from astcli.audio import load_audio
+    from astcli.backends import TorchBackend
     from astcli.model import AudioTransformer, elastic_config
-    from astcli.tagger import AudioTagger
+    from astcli.tagger import Tagger
 
     torch.manual_seed(0)
-    tagger = AudioTagger(AudioTransformer(elastic_config("base", num_classes=527)))
+    tagger = Tagger(TorchBackend(AudioTransformer(elastic_config("base", num_classes=527))))
     raw = [tagger.features(load_audio(p)) for p in paths]
     padded = [torch.nn.functional.pad(r, (0, 0, 0, 1024 - len(r))) for r in raw]
     for name, windows in (("native", raw), ("padded to 10.24 s", padded)):
@@ -124,9 +125,10 @@ def elastic_native_vs_padded(paths: list[str]) -> None:
 
 RSS_PROBE = (
     "import sys, time, torch, astcli; astcli.keep_freed_memory();"
-    "from astcli.tag import TagOptions, tag_files; from astcli.tagger import AudioTagger;"
+    "from astcli.pipeline import TagOptions, tag_files; from astcli.tagger import Tagger;"
+    "from astcli.backends import TorchBackend;"
     "from astcli.model import AudioTransformer, elastic_config; torch.manual_seed(0);"
-    "t = AudioTagger(AudioTransformer(elastic_config('small', num_classes=527)));"
+    "t = Tagger(TorchBackend(AudioTransformer(elastic_config('small', num_classes=527))));"
     "start = time.perf_counter();"
     "r = list(tag_files(t, [sys.argv[1]], TagOptions(batch_tokens=int(sys.argv[2]) or None)));"
     "seconds = time.perf_counter() - start;"

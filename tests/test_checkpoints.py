@@ -26,10 +26,11 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 import astcli.model.presets as presets
+from astcli.backends import TorchBackend
 from astcli.errors import ModelError
 from astcli.model import load_checkpoint
 from astcli.model.presets import get_preset, list_presets
-from astcli.tagger import AudioTagger, EnsembleTagger, load_model
+from astcli.tagger import load_model
 
 ELASTIC_MEAN, ELASTIC_STD = -4.414, 4.905
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -67,7 +68,7 @@ def test_original_ast_pth_matches_transformers(tmp_path):
     torch.save(hf_to_original_ast(hf_saved_state(hf)), path)
     names = write_labels_csv(tmp_path / "labels.csv", 7)
     tagger = load_model(path, labels=tmp_path / "labels.csv")
-    assert_distinct_parameters(tagger.model)
+    assert_distinct_parameters(tagger.backends[0].model)
     c = tagger.config
     assert (c.family, c.dim, c.heads, c.depth, c.mlp_dim) == ("ast", 128, 2, 2, 256)
     assert (c.freq_stride, c.time_stride, c.max_frames, c.layer_norm_eps) == (10, 10, 128, 1e-6)
@@ -149,7 +150,7 @@ def test_elastic_pth_matches_reference(tmp_path):
     torch.save(state, path)
     names = write_labels_csv(tmp_path / "labels.csv", 6)
     tagger = load_model(path, labels=tmp_path / "labels.csv")
-    assert_distinct_parameters(tagger.model)
+    assert_distinct_parameters(tagger.backends[0].model)
     c = tagger.config
     assert (c.family, c.dim, c.heads, c.depth, c.max_frames, c.attn_scale) == ("elastic", 128, 2, 2, 384, False)
     assert (c.mean, c.std, c.layer_norm_eps) == (ELASTIC_MEAN, ELASTIC_STD, 1e-6)
@@ -170,7 +171,7 @@ def test_elastic_own_format_round_trip(tmp_path):
     tagger = load_model(path, labels=["a", "b", "c", "d"])
     saved = tagger.save(tmp_path / "own")
     again = load_model(saved)
-    assert_distinct_parameters(again.model)
+    assert_distinct_parameters(again.backends[0].model)
     assert again.config == tagger.config
     windows = [raw_fbank(n, seed) for seed, n in enumerate((40, 100, 160))]
     assert torch.equal(again.score_windows(windows), tagger.score_windows(windows))
@@ -189,13 +190,13 @@ def hf_dir(tmp_path_factory):
 def test_own_format_round_trip(hf_dir, tmp_path):
     _, directory = hf_dir
     tagger = load_model(directory)
-    assert_distinct_parameters(tagger.model)
+    assert_distinct_parameters(tagger.backends[0].model)
     saved = tagger.save(tmp_path / "own")
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((saved / "config.json").read_text())
     assert meta["format"] == "astcli-model" and meta["labels"] == tagger.labels
     again = load_model(saved)
-    assert_distinct_parameters(again.model)
+    assert_distinct_parameters(again.backends[0].model)
     assert again.config == tagger.config
     windows = [raw_fbank(n, seed) for seed, n in enumerate((70, 200, 300))]
     assert torch.equal(again.score_windows(windows), tagger.score_windows(windows))
@@ -266,14 +267,14 @@ def test_preset_resolves_to_hub_id(preset_cards, hf_dir):
     windows = [raw_fbank(n, seed) for seed, n in enumerate((120, 210))]
     expected = hf_logits(hf, torch.stack([ast_window(w, 200) for w in windows])).softmax(-1)
     tagger = load_model("tiny-a")
-    assert isinstance(tagger, AudioTagger)
+    assert len(tagger.backends) == 1 and isinstance(tagger.backends[0], TorchBackend)
     torch.testing.assert_close(tagger.score_windows(windows), expected, atol=1e-4, rtol=0)
 
 
 def test_ensemble_preset_averages_members(preset_cards):
     windows = [raw_fbank(n, seed) for seed, n in enumerate((120, 210, 64))]
     ensemble = load_model("tiny-ens")
-    assert isinstance(ensemble, EnsembleTagger) and len(ensemble.members) == 2
+    assert len(ensemble.backends) == 2
     a, b = load_model("tiny-a").score_windows(windows), load_model("tiny-b").score_windows(windows)
     assert (a - b).abs().max() > 1e-3  # the members differ, so the mean is a real check
     torch.testing.assert_close(ensemble.score_windows(windows), (a + b) / 2, atol=1e-6, rtol=0)

@@ -68,3 +68,32 @@ def test_parameter_error_prints_the_flag(capsys, monkeypatch):
         main()
     assert info.value.code == 2
     assert capsys.readouterr().err == "ast: error: --batch-tokens must be at least 1\n"
+
+
+def test_cli_choices_are_the_library_choices():
+    from astcli import cli
+    from astcli.backends import DEVICES, DTYPES
+    from astcli.export import QUANTIZE
+    from astcli.pipeline import AGGREGATES
+    from astcli.train.models import ARCHS, INITS, SIZES
+    from astcli.train.optimization import AMP_MODES
+    from astcli.writers import FORMATS
+
+    pairs = [(cli.Device, DEVICES), (cli.DType, tuple(DTYPES)), (cli.Format, FORMATS), (cli.Aggregate, AGGREGATES),
+             (cli.Quantize, QUANTIZE), (cli.Amp, AMP_MODES), (cli.Arch, ARCHS), (cli.Size, SIZES), (cli.Init, INITS)]
+    for choice, values in pairs:
+        assert tuple(c.value for c in choice) == tuple(values), choice
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["tag", "--format", "xml", "x.wav"], "ast: error: Invalid value for '--format'"),
+    (["tag", "--nope"], "ast: error: No such option: --nope"),
+    (["export", "--onnx"], "ast: error: Missing option '--output'"),
+])
+def test_parser_errors_are_one_line(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ast", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.startswith(message) and len(err.splitlines()) == 1

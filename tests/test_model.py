@@ -9,6 +9,7 @@ from helpers import ast_window, hf_logits, make_hf_ast, perturb_, save_hf_ast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from astcli.backends import TorchBackend
 from astcli.model import (
     AudioTransformer,
     Clip,
@@ -19,11 +20,13 @@ from astcli.model import (
     fit_frames,
     load_checkpoint,
     pack_clips,
+    packing,
     patchify,
     transformer,
 )
+from astcli.model.checkpoints import build_model
 from astcli.model.packing import CLS, DIST, PAD, PATCH
-from astcli.tagger import AudioTagger, build_model, load_model
+from astcli.tagger import Tagger, load_model
 
 STRIDES = [(10, 10), (12, 8), (16, 16)]
 
@@ -95,7 +98,7 @@ def test_bf16_close_to_fp32(hf_model_dir):
     windows = [raw_fbank(n, seed) for seed, n in enumerate((90, 200, 240))]
     fp32 = load_model(directory).score_windows(windows)
     bf16_tagger = load_model(directory, dtype="bfloat16")
-    assert bf16_tagger.model.head.weight.dtype == torch.bfloat16
+    assert bf16_tagger.backends[0].model.head.weight.dtype == torch.bfloat16
     bf16 = bf16_tagger.score_windows(windows)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).abs().max() <= 2e-2
@@ -110,8 +113,8 @@ def test_bf16_close_to_fp32_packed(kind):
     lengths = (400, 48, 333, 160, 64) if kind == "elastic" else (200, 120, 48)
     clips = [patchify(fit_frames(raw_fbank(n, i), config) if kind == "elastic" else raw_fbank(n, i) / 9, config)
              for i, n in enumerate(lengths)]
-    fp32 = AudioTagger(model, device="cpu").logits(clips).softmax(-1)
-    bf16_tagger = AudioTagger(tiny_model(kind), device="cpu", dtype="bfloat16")
+    fp32 = Tagger(TorchBackend(model, device="cpu")).logits(clips).softmax(-1)
+    bf16_tagger = Tagger(TorchBackend(tiny_model(kind), device="cpu", dtype="bfloat16"))
     for budget in (1, 10**6):  # one clip per forward, then everything in one packed batch
         bf16 = bf16_tagger.logits(clips, batch_tokens=budget).softmax(-1)
         assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() <= 2e-2
@@ -152,7 +155,7 @@ def test_packing_invariance(kind):
         # Reversed order: logits still come back in clip-id order.
         backwards = model(pack_clips(clips[::-1], prefix, 3 * longest))
         torch.testing.assert_close(backwards, alone.flip(0), atol=1e-5, rtol=0)
-    tagger = AudioTagger(model, device="cpu")
+    tagger = Tagger(TorchBackend(model, device="cpu"))
     for budget in (1, 300, 700, 10**6):
         torch.testing.assert_close(tagger.logits(clips, batch_tokens=budget), alone, atol=1e-5, rtol=0)
 
@@ -164,6 +167,21 @@ def test_equal_length_rows_need_no_mask():
     assert not pack_clips(clips, 2, row_tokens=10_000).one_clip_per_row
     assert not pack_clips([*clips[:2], patchify(raw_fbank(100, 5) / 9, model.config)], 2).one_clip_per_row
 
+
+@pytest.mark.parametrize("kind", ["ast", "ast-cls", "elastic"])
+@pytest.mark.parametrize("frames", [10, 16, 77, 200, 530])
+def test_traceable_packing_twin_matches_eager(kind, frames):
+    """fit_batch + pack_rows (what the waveform graph runs) give the very tensors of fit_frames + patchify +
+    pack_clips, for clips shorter than a patch, in between, at and beyond the window."""
+    config = tiny_model(kind).config
+    raw = torch.stack([raw_fbank(frames, seed) for seed in range(3)])
+    fitted = packing.fit_batch(raw, config)
+    assert torch.equal(fitted, torch.stack([fit_frames(r, config) for r in raw]))
+    twin = packing.pack_rows(fitted / 9, config)
+    eager = pack_clips([patchify(f / 9, config) for f in fitted], config.prefix_tokens)
+    assert twin.num_clips == eager.num_clips == 3
+    for name in ("patches", "freq_pos", "time_pos", "token_kind", "clip_ids"):
+        assert torch.equal(getattr(twin, name), getattr(eager, name)), name
 
 
 def full_forward(model: AudioTransformer, batch) -> torch.Tensor:

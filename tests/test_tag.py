@@ -19,7 +19,7 @@ from helpers import hf_to_original_ast, make_hf_ast, save_hf_ast, write_labels_c
 from safetensors.torch import load_file
 
 from astcli.cli import main
-from astcli.tag import TagOptions, _Windows, expand_inputs, tag_files
+from astcli.pipeline import TagOptions, _Windows, expand_inputs, tag_files
 from astcli.tagger import load_model
 
 MAX_FRAMES = 300  # the tiny AST's trained window: 3 s
@@ -294,7 +294,7 @@ def test_hour_long_file_in_bounded_memory(model_dir, tmp_path):
     sf.write(short_file, (0.1 * rng.standard_normal(16000 * 10)).astype(np.float32), 16000)
     probe = (
         "import sys, json, astcli; astcli.keep_freed_memory();"
-        "from astcli.tag import tag_files; from astcli.tagger import load_model;"
+        "from astcli.pipeline import tag_files; from astcli.tagger import load_model;"
         "r = list(tag_files(load_model(sys.argv[1]), [sys.argv[2]]));"
         # VmHWM: this process's own peak (ru_maxrss would carry over the parent's after fork + exec)
         "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"

@@ -352,7 +352,7 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
 
     esc = make_esc50(tmp_path / "ESC-50")
     tuned = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "--model",
-                                str(tmp_path / "pre" / "model"), "--window", "128", "--epochs", "2",
+                                str(tmp_path / "pre" / "model"), "--window-frames", "128", "--epochs", "2",
                                 "--batch-size", "4", "--lr", "1e-3", "--num-workers", "1", "-o",
                                 str(tmp_path / "esc")])
     assert tuned.exit_code == 0, tuned.output

@@ -17,8 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from astcli import files
-from astcli.errors import ModelError
+from astcli.errors import ModelError, UsageError
 from astcli.model.config import DEFAULT_STATS, ModelConfig
+from astcli.model.hub import hub_snapshot
+from astcli.model.presets import get_preset
+from astcli.model.transformer import AudioTransformer
 
 OWN_FORMAT = "astcli-model"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -424,3 +427,65 @@ def load_checkpoint(path: str | Path, labels: list[str] | None = None) -> tuple[
             raise ModelError(f"{len(labels)} labels given for a model with {config.num_classes} classes")
         config = dataclasses.replace(config, labels=tuple(labels))
     return config, state
+
+
+# -- from a source to a model ---------------------------------------------------------------------------
+
+
+def preset_source(source: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``(source, revision)`` with a single-model preset replaced by its checkpoint and pinned revision (an
+    explicit ``revision`` wins); other sources come back unchanged. An ensemble preset is a ``UsageError``."""
+    preset = get_preset(source)
+    if preset is None:
+        return source, revision
+    if preset.members:
+        raise UsageError(f"{source} is an ensemble of {len(preset.members)} models; name one of them "
+                         f"({', '.join(preset.members)})")
+    return preset.source, revision or preset.revision
+
+
+def model_path(source: str, revision: str | None = None) -> Path:
+    """Where the model ``source`` lies: a local file or directory, else the snapshot of a hub id (fetched into
+    the Hugging Face cache, or found there). ``ModelError`` when it is neither."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise ModelError(f"{source}: no such file, directory or preset (see the presets in models/)")
+    return hub_snapshot(source, revision)
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], origin: str = "checkpoint") -> AudioTransformer:
+    """An ``AudioTransformer`` (float32, eval mode) holding ``state``; any missing, unexpected or mis-shaped
+    tensor is a ModelError naming ``origin``."""
+    with torch.device("meta"):  # no storage and no random initialisation: ``state`` replaces every tensor
+        model = AudioTransformer(config)
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    shapes = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    for problem, keys in (("lacks", missing), ("has unexpected", unexpected), ("has mis-shaped", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+            detail = ""
+            if problem == "has mis-shaped":
+                detail = f" {tuple(state[keys[0]].shape)} vs {tuple(ours[keys[0]].shape)}"
+            raise ModelError(f"{origin} {problem} tensor {keys[0]}{detail}{more}")
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+def load_transformer(source: str | Path, labels=None, revision: str | None = None) -> AudioTransformer:
+    """The PyTorch model behind ``source`` (single-model preset, hub id, model directory or checkpoint file),
+    on the CPU in float32 and eval mode: what training and export start from.
+
+    ``labels`` (names, or a label file as ``read_labels`` reads it) names the classes of a bare checkpoint.
+    An ``.onnx`` file is a ``UsageError`` (a graph holds no trainable model); unreadable or unknown sources
+    are ``ModelError``.
+    """
+    source, revision = preset_source(str(source), revision)
+    if Path(source).suffix == ".onnx":
+        raise UsageError(f"{source}: an ONNX model cannot be fine-tuned; give the PyTorch model it was exported from")
+    names = read_labels(labels) if isinstance(labels, (str, Path)) else labels
+    config, state = load_checkpoint(model_path(source, revision), names)
+    return build_model(config, state, origin=source)

@@ -15,7 +15,8 @@ POOLINGS = ("cls_dist", "cls", "attention", "mean")
 _POSITIVE = ("dim", "depth", "heads", "mlp_dim", "patch_size", "freq_stride", "time_stride", "num_mel_bins",
              "max_frames", "num_classes", "sample_rate", "hop_ms", "layer_norm_eps", "std")
 
-# Per-family defaults for checkpoints that carry no statistics of their own.
+# Per-family normalisation statistics (mean, std of the fbank) for checkpoints that carry none of their own:
+# AST's AudioSet values (Gong et al. 2021, released code) and ElasticAST's (Feng et al. 2024).
 DEFAULT_STATS = {"ast": (-4.2677393, 4.5689974), "elastic": (-4.414, 4.905)}
 
 
@@ -27,6 +28,9 @@ class ModelConfig:
     ``grid_freq x grid_time``, CLS + distillation tokens, windows padded to ``max_frames``.
     ``family="elastic"``: non-overlapping patches, factorised position tables (frequency + time),
     attention pooling, clips at native length up to ``max_frames``.
+    ``pooling``: ``cls_dist`` (mean of the CLS and distillation outputs, AST), ``cls`` (the CLS output),
+    ``attention`` (one learned query per clip, ElasticAST) or ``mean`` (mean of the clip's patch outputs, for
+    models trained from scratch with ``prefix_tokens=0``).
 
     Immutable: derive a changed copy with ``dataclasses.replace(config, ...)``. ``labels`` is a tuple (a list
     given to the constructor is converted). A value outside what the architecture allows raises
@@ -52,8 +56,8 @@ class ModelConfig:
     multi_label: bool = True
     sample_rate: int = 16000
     hop_ms: float = 10.0
-    mean: float = -4.2677393
-    std: float = 4.5689974
+    mean: float = DEFAULT_STATS["ast"][0]
+    std: float = DEFAULT_STATS["ast"][1]
     labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -173,3 +173,39 @@ def pack_clips(clips: list[Clip], prefix_tokens: int, row_tokens: int | None = N
             clip_ids[r, at : start + n] = i
             at = start + n
     return PackedBatch(patches, freq_pos, time_pos, token_kind, clip_ids, len(clips))
+
+
+# -- traceable twins (for ONNX export): equal-length clips as one tensor, no data-dependent Python ---------
+
+
+def fit_batch(features: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """``fit_frames`` of equal-length clips ``[clips, frames, mel]`` at once, in traceable ops: AST zero-pads
+    or truncates to ``max_frames``; ElasticAST keeps whole patches (at least one) up to ``max_frames``."""
+    clips, frames, mel = features.shape
+    p = config.patch_size
+    if config.pads_to_window:
+        pad, keep = config.max_frames, config.max_frames
+    else:  # whole patches, at least one (short clips are zero-padded to one patch)
+        pad, keep = p, torch.sym_max(p, torch.sym_min(frames, config.max_frames) // p * p)
+    return torch.cat([features, features.new_zeros(clips, pad, mel)], 1)[:, :keep]
+
+
+def pack_rows(features: torch.Tensor, config: ModelConfig) -> PackedBatch:
+    """``pack_clips([patchify(f) for f in features])`` for equal-length normalised clips ``[clips, frames, mel]``
+    in traceable ops: one clip per row, led by its prefix tokens, so no attention mask is needed."""
+    clips, p, k = features.shape[0], config.patch_size, config.prefix_tokens
+    image = features.transpose(1, 2)  # [clips, mel, frames]
+    nf, nt = config.grid_freq, (image.shape[2] - p) // config.time_stride + 1
+    within = torch.arange(p)
+    f_index = torch.arange(nf).unsqueeze(1) * config.freq_stride + within  # [nf, p]
+    t_index = torch.arange(nt).unsqueeze(1) * config.time_stride + within  # [nt, p]
+    grid = image[:, f_index[:, None, :, None], t_index[None, :, None, :]]  # [clips, nf, nt, p, p]
+    patches = torch.cat([grid.new_zeros(clips, k, p * p), grid.reshape(clips, nf * nt, p * p)], 1)
+    lead = torch.zeros(k, dtype=torch.long)
+    freq_pos = torch.cat([lead, torch.arange(nf).unsqueeze(1).expand(nf, nt).reshape(-1)])
+    time_pos = torch.cat([lead, torch.arange(nt).unsqueeze(0).expand(nf, nt).reshape(-1)])
+    kinds = torch.cat([torch.tensor([CLS, DIST][:k], dtype=torch.long), torch.zeros(nf * nt, dtype=torch.long)])
+    width = kinds.shape[0]
+    rows = torch.arange(clips).unsqueeze(1).expand(clips, width)
+    return PackedBatch(patches, freq_pos.expand(clips, width), time_pos.expand(clips, width),
+                       kinds.expand(clips, width), rows, clips)

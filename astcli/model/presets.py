@@ -6,7 +6,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import astcli
 from astcli.errors import ModelError
 
 DEFAULT_MODEL = "ast-audioset"
@@ -22,13 +21,12 @@ class Preset:
     source: str | None = None
     revision: str | None = None
     members: tuple[str, ...] = field(default_factory=tuple)
-    classes: str = ""
     size_mb: int = 0
 
 
 def presets_dir() -> Path:
     """``astcli/models`` inside an installed wheel, else the checkout's top-level ``models/``."""
-    package = Path(astcli.__file__).parent
+    package = Path(__file__).resolve().parent.parent  # astcli/
     inside = package / "models"
     return inside if inside.is_dir() else package.parent / "models"
 
@@ -52,7 +50,7 @@ def get_preset(name: str) -> Preset | None:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return Preset(
             name=name, description=data.get("description", ""), source=data.get("source"),
-            revision=data.get("revision"), members=tuple(data.get("members", ())), classes=data.get("classes", ""),
+            revision=data.get("revision"), members=tuple(data.get("members", ())),
             size_mb=int(data.get("size_mb", 0)),
         )
     except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:

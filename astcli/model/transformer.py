@@ -291,6 +291,12 @@ class AudioTransformer(nn.Module):
         return self.classify(batch, self.attention_mask(batch))
 
 
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Class probabilities from logits ``[..., classes]``: an independent sigmoid per class for multi-label
+    heads (AST's AudioSet models, trained with BCE), a softmax over classes for single-label heads (CE)."""
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
+
+
 def _tracing() -> bool:
     """True while torch.export / ONNX export traces the model: no data-dependent Python branches then."""
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()

@@ -42,7 +42,7 @@ class Distributed:
 def setup_distributed(device: str | None = None) -> tuple[Distributed, torch.device]:
     """Join the process group that ``torchrun`` describes in WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR /
     MASTER_PORT (nccl on CUDA, gloo on CPU); outside torchrun, a single process on ``device``."""
-    from astcli.tagger import resolve_device
+    from astcli.backends import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:

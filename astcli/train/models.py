@@ -11,7 +11,8 @@ import dataclasses
 
 import torch
 
-from astcli.errors import ParameterError, UsageError
+from astcli.errors import ParameterError
+from astcli.model.checkpoints import load_transformer
 from astcli.model.config import ModelConfig, ast_config, elastic_config
 from astcli.model.transformer import AudioTransformer, resize_grid
 from astcli.train.recipes import Recipe, window_config
@@ -24,15 +25,11 @@ ELASTIC_MIN_FRAMES = 1024  # a new ElasticAST learns time positions for at least
 
 
 def pretrained_model(source: str) -> AudioTransformer:
-    """The transformer of the tagger at ``source`` (what ``load_model`` accepts), in float32 and training mode.
+    """The PyTorch model at ``source`` (a single-model preset, hub id, model directory or checkpoint), loaded
+    through the checkpoint layer, in float32 and training mode.
 
-    Raises UsageError for an ensemble or an ONNX file (there are no PyTorch weights to train)."""
-    from astcli.tagger import AudioTagger, load_model
-
-    tagger = load_model(source, device="cpu")
-    if not isinstance(tagger, AudioTagger):
-        raise UsageError(f"{source}: fine-tuning needs one PyTorch model (not an ensemble or ONNX file)")
-    return tagger.model.float().train()
+    Raises UsageError for an ensemble preset or an ONNX file (there are no PyTorch weights to train)."""
+    return load_transformer(source).train()
 
 
 def architecture(arch: str, size: str, classes: list[str], window: int | None, options: dict) -> ModelConfig:

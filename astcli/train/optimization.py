@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from astcli.errors import ParameterError
+from astcli.model.transformer import probabilities
 from astcli.train.recipes import Recipe
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -57,4 +58,4 @@ def loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor
 
 def scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Class scores for the metrics: sigmoid for a "bce" head, softmax for a "ce" head."""
-    return logits.sigmoid() if kind == "bce" else logits.softmax(-1)
+    return probabilities(logits, kind == "bce")

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from astcli.errors import ParameterError
-from astcli.model.config import ModelConfig
+from astcli.model.config import DEFAULT_STATS, ModelConfig
 from astcli.train.batches import batches_per_epoch, data_window, window_tokens
 from astcli.train.datasets import Split
 
@@ -37,7 +37,7 @@ DERIVED = ("loss", "balanced", "token_dropout", "window", "mean", "std", "batch_
 
 ESC50_STATS = (-6.6268077, 5.358466)
 SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
-AUDIOSET_STATS = (-4.2677393, 4.5689974)
+AUDIOSET_STATS = DEFAULT_STATS["ast"]
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class Trainer:
     """State and steps of one :func:`fit` call."""
 
     def __init__(self, model: AudioTransformer, split: Split, recipe: Recipe, run: RunOptions):
-        from astcli.tagger import resolve_device
+        from astcli.backends import resolve_device
 
         if not split.train:
             raise DatasetError(f"{split.dataset.name}: no training examples")

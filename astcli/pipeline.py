@@ -1,4 +1,4 @@
-"""The `tag` pipeline: paths -> decoded blocks -> fbank windows -> packed batches -> scores -> records.
+"""The `tag` pipeline: files -> decoded blocks -> fbank windows -> packed batches -> scores -> records.
 
 Worker threads decode and resample (soundfile, soxr: no torch, so they never compete with the model's
 threads) while the main thread turns blocks into fbank windows and scores packed batches of windows from
@@ -8,6 +8,7 @@ stays bounded whatever the files' lengths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -19,8 +20,9 @@ from pathlib import Path
 import torch
 
 from astcli.audio import AUDIO_EXTENSIONS, stream_audio
-from astcli.errors import AstcliError, UsageError
+from astcli.errors import AstcliError, ParameterError
 from astcli.features import StreamingFbank
+from astcli.tagger import Tagger
 
 AGGREGATES = ("mean", "max")
 
@@ -29,8 +31,8 @@ AGGREGATES = ("mean", "max")
 class TagOptions:
     """How files are cut into windows and how scores become tags."""
 
-    window: float | None = None  # seconds per window; default: the model's window
-    hop: float | None = None  # seconds between window starts; default: the window (no overlap)
+    window_seconds: float | None = None  # seconds per window; default: the model's window
+    hop_seconds: float | None = None  # seconds between window starts; default: the window (no overlap)
     aggregate: str | None = None  # mean | max over windows; default: max for multi-label, mean otherwise
     top_k: int = 5  # 0 = every class
     threshold: float | None = None
@@ -111,28 +113,32 @@ def _reason(message: str, path: str) -> str:
 
 
 class Pipeline:
-    """Runs the pipeline for one tagger and one set of options; ``run(paths)`` yields FileResults in order."""
+    """Runs the pipeline for one tagger and one set of options; ``run(paths)`` yields FileResults in order.
 
-    def __init__(self, tagger, options: TagOptions):
+    Options that do not fit the tagger raise ``ParameterError`` naming the ``TagOptions`` field."""
+
+    def __init__(self, tagger: Tagger, options: TagOptions):
         self.tagger, self.options = tagger, options
-        hop_ms = tagger.hop_ms
+        hop_ms = tagger.feature_hop_ms
         config = tagger.config
         self.window_frames = tagger.window_frames
-        if options.window is not None:
-            self.window_frames = max(1, round(options.window * 1000.0 / hop_ms))
+        if options.window_seconds is not None:
+            self.window_frames = max(1, round(options.window_seconds * 1000.0 / hop_ms))
             if config.pads_to_window and self.window_frames > config.max_frames:
-                raise UsageError(f"--window {options.window:g} is longer than this AST model's trained window "
-                                 f"({config.max_frames * hop_ms / 1000:g} s)")
+                raise ParameterError("window_seconds", f"{options.window_seconds:g} is longer than this AST model's "
+                                     f"trained window ({config.max_frames * hop_ms / 1000:g} s)")
         self.hop_frames = self.window_frames
-        if options.hop is not None:
-            if options.hop <= 0:
-                raise UsageError("--hop must be positive")
-            self.hop_frames = max(1, round(options.hop * 1000.0 / hop_ms))
+        if options.hop_seconds is not None:
+            if options.hop_seconds <= 0:
+                raise ParameterError("hop_seconds", "must be positive")
+            self.hop_frames = max(1, round(options.hop_seconds * 1000.0 / hop_ms))
         self.batch_tokens = options.batch_tokens or tagger.default_batch_tokens
-        if self.batch_tokens < 1 or options.workers < 1 or options.top_k < 0:
-            raise UsageError("--batch-tokens and --workers must be at least 1, --top-k at least 0")
+        for name, value, least in (("batch_tokens", self.batch_tokens, 1), ("workers", options.workers, 1),
+                                   ("top_k", options.top_k, 0)):
+            if value < least:
+                raise ParameterError(name, f"must be at least {least} (got {value})")
         if options.aggregate not in (None, *AGGREGATES):
-            raise UsageError(f"--aggregate must be one of {', '.join(AGGREGATES)}")
+            raise ParameterError("aggregate", f"must be one of {', '.join(AGGREGATES)}")
         self.frame_seconds = hop_ms / 1000.0
 
     # -- producer side: decode + resample, in worker threads ---------------------------------------------
@@ -170,15 +176,30 @@ class Pipeline:
 
     def run(self, paths: list[str], on_window_batch: Callable[[float], None] | None = None) -> Iterator[FileResult]:
         """FileResults in the order of ``paths``; ``on_window_batch(audio_seconds)`` reports scored audio."""
-        opts = self.options
+        with self._decoding(paths) as items:
+            yield from self._consume(paths, items, on_window_batch)
+
+    @contextlib.contextmanager
+    def _decoding(self, paths: list[str]) -> Iterator[queue.Queue]:
+        """Worker threads decoding ``paths`` into a bounded queue of ("block" | "end" | "error", index, payload);
+        on exit (also an early close: broken pipe, Ctrl-C) they are stopped and joined."""
         items: queue.Queue = queue.Queue(maxsize=8)
         stop = threading.Event()
         lock = threading.Lock()
         jobs = iter(enumerate(paths))
         workers = [threading.Thread(target=self._produce, args=(jobs, lock, items, stop), daemon=True)
-                   for _ in range(min(opts.workers, max(1, len(paths))))]
+                   for _ in range(min(self.options.workers, max(1, len(paths))))]
         for w in workers:
             w.start()
+        try:
+            yield items
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+
+    def _consume(self, paths: list[str], items: queue.Queue,
+                 on_window_batch: Callable[[float], None] | None) -> Iterator[FileResult]:
         results = [FileResult(p) for p in paths]
         scores: dict[int, list[tuple[int, torch.Tensor]]] = {}
         finished: set[int] = set()
@@ -200,50 +221,48 @@ class Pipeline:
             pending_tokens = 0
 
         emitted = 0
-        try:
-            while emitted < len(paths):
-                try:
-                    kind, index, payload = items.get(timeout=0.05 if pending else None)
-                except queue.Empty:  # decoding is the slower side: do not wait for a full batch
+        while emitted < len(paths):
+            try:
+                kind, index, payload = items.get(timeout=0.05 if pending else None)
+            except queue.Empty:  # decoding is the slower side: do not wait for a full batch
+                flush()
+                continue
+            if kind == "error":
+                cutters.pop(index, None)
+                results[index].error = payload
+                finished.add(index)
+            else:
+                for start, w in self._windows_of(kind, index, payload, cutters, results, finished):
+                    pending.append((index, start, w))
+                    pending_tokens += tokens(min(len(w), self.window_frames))
+                if pending_tokens >= self.batch_tokens:
                     flush()
-                    continue
-                if kind == "error":
-                    cutters.pop(index, None)
-                    results[index].error = payload
-                    finished.add(index)
-                else:
-                    if index not in cutters:
-                        cutters[index] = self._cutter()
-                    features, windows = cutters[index]
-                    if kind == "block":
-                        cut = windows.push(features.push(payload))
-                    else:  # "end": the last, partial windows
-                        del cutters[index]
-                        cut = windows.finish(features.num_frames)
-                        results[index].duration = payload / self.tagger.sample_rate
-                        finished.add(index)
-                    for start, w in cut:
-                        pending.append((index, start, w))
-                        pending_tokens += tokens(min(len(w), self.window_frames))
-                    if pending_tokens >= self.batch_tokens:
-                        flush()
-                # A file's blocks precede its end in the queue, so a finished file is complete once
-                # the windows of it still pending are scored.
-                while emitted in finished:
-                    if any(i == emitted for i, _, _ in pending):
-                        flush()
-                    yield self._finish(results[emitted], scores.pop(emitted, []))
-                    emitted += 1
-        finally:  # also on early close (broken pipe, Ctrl-C): no worker may outlive the run
-            stop.set()
-            for w in workers:
-                w.join()
+            # A file's blocks precede its end in the queue, so a finished file is complete once
+            # the windows of it still pending are scored.
+            while emitted in finished:
+                if any(i == emitted for i, _, _ in pending):
+                    flush()
+                yield self._finish(results[emitted], scores.pop(emitted, []))
+                emitted += 1
+
+    def _windows_of(self, kind: str, index: int, payload, cutters: dict, results: list[FileResult],
+                    finished: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The (start frame, window) pairs that a decoded block, or a file's end, completes."""
+        if index not in cutters:
+            cutters[index] = self._cutter()
+        features, windows = cutters[index]
+        if kind == "block":
+            return windows.push(features.push(payload))
+        del cutters[index]  # "end": the last, partial windows
+        results[index].duration = payload / self.tagger.sample_rate
+        finished.add(index)
+        return windows.finish(features.num_frames)
 
     def _cutter(self) -> tuple[StreamingFbank, _Windows]:
         """Per-file state on the main thread: incremental fbank and the window cutter."""
         t = self.tagger
         mel = t.config.num_mel_bins
-        return (StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.hop_ms),
+        return (StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.feature_hop_ms),
                 _Windows(self.window_frames, self.hop_frames, mel))
 
     def _finish(self, result: FileResult, rows: list[tuple[int, torch.Tensor]]) -> FileResult:
@@ -281,7 +300,7 @@ class Pipeline:
         return record
 
 
-def tag_files(tagger, paths: list[str], options: TagOptions | None = None,
+def tag_files(tagger: Tagger, paths: list[str], options: TagOptions | None = None,
               on_audio: Callable[[float], None] | None = None) -> Iterator[dict]:
     """Records (dicts in the documented schema) for ``paths``, in order, one per path."""
     pipeline = Pipeline(tagger, options or TagOptions())
