@@ -451,7 +451,7 @@ def model_path(source: str, revision: str | None = None) -> Path:
     if path.exists():
         return path
     if source.count("/") != 1 or source.startswith((".", "/")):
-        raise ModelError(f"{source}: no such file, directory or preset (see the presets in models/)")
+        raise ModelError(f"{source}: no such file, directory or preset (the presets: ast tag --list-models)")
     return hub_snapshot(source, revision)
 
 
