@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from astcli.errors import ParameterError
-from astcli.model.transformer import probabilities
 from astcli.train.recipes import Recipe
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -54,8 +53,3 @@ def loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.cross_entropy(logits, targets)
-
-
-def scores(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Class scores for the metrics: sigmoid for a "bce" head, softmax for a "ce" head."""
-    return probabilities(logits, kind == "bce")

@@ -27,14 +27,14 @@ from astcli.console import Progress, warn_once
 from astcli.errors import DatasetError, ParameterError
 from astcli.model.checkpoints import save_checkpoint
 from astcli.model.packing import PackedBatch, pack_clips, patchify
-from astcli.model.transformer import AudioTransformer
+from astcli.model.transformer import AudioTransformer, probabilities
 from astcli.train.batches import BatchPlanner
 from astcli.train.datasets import Split
 from astcli.train.distributed import Distributed, any_rank
 from astcli.train.loader import ClipMaker, LoadedBatch, load_batches
 from astcli.train.logs import epoch_line, json_safe, metrics_of, write_logs
 from astcli.train.metrics import evaluate
-from astcli.train.optimization import amp_dtype, learning_rate, loss, make_optimizer, scores
+from astcli.train.optimization import amp_dtype, learning_rate, loss, make_optimizer
 from astcli.train.recipes import Recipe
 from astcli.train.signals import StopFlag
 from astcli.train.state import TrainingState, average_weights, epoch_weights, load_state, save_state
@@ -261,7 +261,8 @@ class Trainer:
         order = sorted(range(len(kept)), key=kept.__getitem__)
         all_logits, all_targets = torch.cat(logits)[order], torch.cat(targets)[order]
         kind = self.recipe.loss
-        metrics = evaluate(scores(all_logits, kind).numpy(), all_targets.numpy(), self.split.dataset.multi_label)
+        probs = probabilities(all_logits, multi_label=kind == "bce")
+        metrics = evaluate(probs.numpy(), all_targets.numpy(), self.split.dataset.multi_label)
         return metrics, float(loss(all_logits, all_targets, kind))
 
     def end_epoch(self, epoch: int) -> dict:
