@@ -15,6 +15,7 @@ from contextlib import closing
 import typer
 
 from astcli import __version__, keep_freed_memory
+from astcli.console import warn
 from astcli.errors import AstcliError, DatasetError, ModelError, ParameterError, UsageError
 
 app = typer.Typer(
@@ -126,6 +127,8 @@ def tag(
     from astcli.tagger import load_ensemble
     from astcli.writers import format_for, make_writer
 
+    if output and not fmt and format_for(output, False) != output.rsplit(".", 1)[-1].lower():
+        warn(f"{output}: its extension names no format: writing JSON lines (--format chooses)")
     fmt = _value(fmt) or format_for(output, sys.stdout.isatty())
     paths = expand_inputs(files, recursive, sys.stdin if "-" in files else None)
     options = TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
@@ -135,21 +138,35 @@ def tag(
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
     failed = 0
     try:
-        with _progress(len(paths), progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
-            writer = make_writer(fmt, stream, paths)
+        with _TagProgress(paths, progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
+            writer = make_writer(fmt, stream, paths, **_table_layout(stream, bar, tagger.labels, timeline))
             for record in records:
                 if record.get("error"):
                     failed += 1
-                    print(f"ast: {record['file']}: {record['error']}", file=sys.stderr)
+                    bar.say(f"ast: {record['file']}: {record['error']}")
                 writer.write(record)
-                bar.file_done()
+                bar.file_done(record)
             writer.close()
     except BrokenPipeError:
         _quiet_broken_pipe()
     finally:
         if output:
             stream.close()
+    if output and sys.stderr.isatty():
+        print(f"ast: {len(paths)} record{'s' * (len(paths) != 1)} written to {output} ({fmt})", file=sys.stderr)
     raise typer.Exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _table_layout(stream, bar, labels: list[str], timeline: bool) -> dict:
+    """How the table fits where it goes: a terminal's width (none for a file or pipe), the model's labels,
+    and rows printed through the live progress bar's console when the bar shares the table's terminal."""
+    layout = {"labels": list(labels), "timeline": timeline, "width": None}
+    if stream.isatty():
+        layout["width"] = os.get_terminal_size(stream.fileno()).columns
+        if bar.console is not None and os.path.samestat(os.fstat(stream.fileno()), os.fstat(sys.stderr.fileno())):
+            layout["emit"] = lambda line: bar.console.print(line, markup=False, highlight=False, emoji=False,
+                                                            soft_wrap=True)
+    return layout
 
 
 def _list_models() -> None:
@@ -175,35 +192,74 @@ def _list_models() -> None:
                                  initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
 
 
-class _progress:
-    """Tagging progress on stderr (files, audio seconds, x real time) when stderr is a terminal or forced."""
+class _TagProgress:
+    """Tagging progress on stderr when it is a terminal or forced: seconds of audio scored out of the inputs'
+    total (from their headers, so one long file shows its own progress and an ETA), files done, speed."""
 
-    def __init__(self, total: int, force: bool):
+    def __init__(self, paths: list[str], force: bool):
         from astcli.console import Progress, progress_wanted
 
-        self.bar = Progress(progress_wanted(force or None))
-        self.total = total
-        self.seconds = 0.0
+        enabled = progress_wanted(force or None)
+        self.durations = [_header_seconds(p) for p in paths] if enabled else []
+        self.total = sum(self.durations)
+        self.bar = Progress(enabled, unit="seconds" if self.total else "items", transient=True)
+        self.files = len(paths)
+        self.done = 0
+        self.scored = self.finished = 0.0
+
+    @property
+    def console(self):
+        return self.bar.console
 
     def __enter__(self):
         import time
 
         self.start = time.monotonic()
-        self.bar.start("tagging", self.total)
+        self.bar.start("tagging", self.total or self.files, status=self._status())
         return self
 
     def audio(self, seconds: float) -> None:
+        self.scored += seconds
+        if self.total:
+            self.bar.update(min(self.scored, self.total), self._status())
+
+    def file_done(self, record: dict) -> None:
+        if self.total:
+            self.finished += self.durations[self.done]
+            self.scored = max(self.scored, self.finished)
+        self.done += 1
+        if self.total:
+            self.bar.update(min(self.scored, self.total), self._status())
+        else:
+            self.bar.advance(1, self._status())
+
+    def say(self, line: str) -> None:
+        """A line on stderr, above the bar when one is drawn."""
+        if self.bar.console is not None:
+            self.bar.log(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _status(self) -> str:
         import time
 
-        self.seconds += seconds
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        self.bar.advance(0, f"{self.seconds:.0f} s audio, {self.seconds / elapsed:.1f}x real time")
-
-    def file_done(self) -> None:
-        self.bar.advance(1)
+        speed = self.scored / max(time.monotonic() - getattr(self, "start", time.monotonic()), 1e-6)
+        files = f"{self.done}/{self.files} files" if self.total else "files"
+        return f"{files}, {speed:.1f}x real time" if self.scored else files
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+def _header_seconds(path: str) -> float:
+    """A file's duration from its header; 0 when it cannot be read (the run reports the file's error)."""
+    from astcli.audio import audio_info
+    from astcli.errors import AudioError
+
+    try:
+        return audio_info(path).duration
+    except AudioError:
+        return 0.0
 
 
 # -- train / finetune ----------------------------------------------------------------------------------

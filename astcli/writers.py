@@ -155,46 +155,75 @@ def _number(value, decimals: int) -> str:
 
 
 class TableWriter(Writer):
-    """A rich table for people at a terminal, printed file by file."""
+    """Aligned columns for people, file by file: ``file seconds label score`` (with ``--timeline`` each window's
+    rows follow, its span in the file column). Columns are sized from the content known up front (the input
+    names, the model's labels, the window spans) and fitted to ``width`` (a terminal's; None: never squeezed):
+    a name too long keeps its end behind "…", a label too long wraps, a score is never cut.
+    ``emit(line)`` prints one line (default: to ``stream``); a live progress bar passes its console's print
+    so that rows appear above the bar."""
 
-    def __init__(self, stream: IO[str], file_width: int = 16):
+    GAP = "  "
+    SECONDS, SCORE = 8, 5  # "seconds" / "9999.999"; "score" / "0.912"
+    LABEL_MAX, LABEL_MIN = 40, 24
+
+    def __init__(self, stream: IO[str], names: list[str], labels: list[str] | None = None, timeline: bool = False,
+                 width: int | None = None, emit=None):
         super().__init__(stream)
-        from rich.console import Console
-
-        # A terminal's width is respected; written to a file or pipe the table is never squeezed.
-        width = None if stream.isatty() else 1000
-        self.console = Console(file=stream, highlight=False, soft_wrap=False, width=width, markup=False,
-                               emoji=False)
-        self.first = True
-        self.file_width = file_width  # the longest input name, so that every file's rows line up
+        self.emit = emit or (lambda line: stream.write(line + "\n"))
+        label = min(self.LABEL_MAX, max(len("label"), *(map(len, labels) if labels else [24])))
+        spans = [len("  0000.000-0000.000")] if timeline else []
+        file = max([len("file"), *spans, *(len(printable(n)) for n in names)])
+        if width is not None and file + label > width - 1 - self.SECONDS - self.SCORE - 3 * len(self.GAP):
+            # too wide: labels wrap down to LABEL_MIN, names are cut to what is left; scores keep their room
+            room = width - 1 - self.SECONDS - self.SCORE - 3 * len(self.GAP)
+            label = min(label, max(self.LABEL_MIN, room - file, room // 2), max(8, room - 12))
+            file = max(8, min(file, room - label))
+        self.file_width, self.label_width = file, label
+        self.header = False
 
     def write(self, record: dict) -> None:
-        from rich.table import Table
-        from rich.text import Text
-
-        name = printable(record["file"])
-        self.file_width = max(self.file_width, len(name))
-        table = Table(show_header=self.first, box=None, pad_edge=False, expand=False)
-        widths = {"file": self.file_width, "seconds": 8, "label": 32, "score": 6}
-        for column, justify in (("file", "left"), ("seconds", "right"), ("label", "left"), ("score", "right")):
-            table.add_column(column, justify=justify, style="bold" if column == "file" else None,
-                             min_width=widths[column], max_width=None if column != "label" else 48)
+        if not self.header:
+            self._row("file", "seconds", "label", "score")
+            self.header = True
+        name = _keep_end(printable(record["file"]), self.file_width)
         if record.get("error"):
-            table.add_row(name, "", Text(f"error: {printable(record['error'])}", style="red"), "")
+            self._row(name, "", "error: " + printable(record["error"]), "", wrap=False)
         else:
-            tags = record["tags"] or [{"label": "-", "score": None}]
-            for i, tag in enumerate(tags):
-                table.add_row(name if i == 0 else "", _number(record["duration"], 2) if i == 0 else "",
-                              Text(printable(tag["label"])), _number(tag["score"], 3))
+            self._tags(name, _number(record["duration"], 3), record["tags"])
+            for segment in record.get("segments", []):
+                span = f"  {_number(segment['start'], 3)}-{_number(segment['end'], 3)}"
+                self._tags(_keep_end(span, self.file_width), "", segment["tags"])
         if record.get("warning"):
-            table.add_row("", "", Text(f"warning: {printable(record['warning'])}", style="yellow"), "")
-        self.console.print(table)
-        self.first = False
+            self._row("", "", "warning: " + printable(record["warning"]), "", wrap=False)
         self.stream.flush()
 
+    def _tags(self, name: str, seconds: str, tags: list[dict]) -> None:
+        for i, tag in enumerate(tags or [{"label": "-", "score": None}]):
+            self._row(name if i == 0 else "", seconds if i == 0 else "", printable(tag["label"]),
+                      _number(tag["score"], 3))
 
-def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None) -> Writer:
-    """A writer of format ``fmt`` (one of FORMATS) over ``stream``; ``names`` (the inputs) size the table.
+    def _row(self, name: str, seconds: str, label: str, score: str, wrap: bool = True) -> None:
+        import textwrap
+
+        lines = textwrap.wrap(label, self.label_width, break_on_hyphens=False) if wrap and label else [label]
+        first = f"{name:<{self.file_width}}{self.GAP}{seconds:>{self.SECONDS}}{self.GAP}"
+        if not wrap:
+            self.emit((first + label).rstrip())
+            return
+        self.emit(f"{first}{lines[0]:<{self.label_width}}{self.GAP}{score:>{self.SCORE}}".rstrip())
+        indent = " " * len(first)
+        for more in lines[1:]:
+            self.emit(indent + more)
+
+
+def _keep_end(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters from the left, "…" marking the cut (the end of a path tells most)."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
+def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None, **table) -> Writer:
+    """A writer of format ``fmt`` (one of FORMATS) over ``stream``; ``names`` (the inputs) and ``table``
+    (``labels``, ``timeline``, ``width``, ``emit``: see TableWriter) shape the table.
 
     A text stream that can be reconfigured (a file, stdout) is set to ``errors="surrogateescape"`` so that
     names that are not UTF-8 go out as their own bytes (CSV/TSV); JSON and the table never need it."""
@@ -208,5 +237,5 @@ def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None) -> Wr
     if fmt in ("csv", "tsv"):
         return DelimitedWriter(stream, "," if fmt == "csv" else "\t")
     if fmt == "table":
-        return TableWriter(stream, max([16, *(len(printable(n)) for n in names or [])]))
+        return TableWriter(stream, names or [], **table)
     raise ValueError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
