@@ -178,21 +178,22 @@ class TableWriter(Writer):
             room = width - 1 - self.SECONDS - self.SCORE - 3 * len(self.GAP)
             label = min(label, max(self.LABEL_MIN, room - file, room // 2), max(8, room - 12))
             file = max(8, min(file, room - label))
-        self.file_width, self.label_width = file, label
+        self.file_width, self.label_width, self.fit = file, label, width is not None
         self.header = False
 
     def write(self, record: dict) -> None:
         if not self.header:
             self._row("file", "seconds", "label", "score")
             self.header = True
-        name = _keep_end(printable(record["file"]), self.file_width)
+        name = printable(record["file"])
+        name = _keep_end(name, self.file_width) if self.fit else name  # off a terminal a name is never cut
         if record.get("error"):
             self._row(name, "", "error: " + printable(record["error"]), "", wrap=False)
         else:
             self._tags(name, _number(record["duration"], 3), record["tags"])
             for segment in record.get("segments", []):
                 span = f"  {_number(segment['start'], 3)}-{_number(segment['end'], 3)}"
-                self._tags(_keep_end(span, self.file_width), "", segment["tags"])
+                self._tags(span, "", segment["tags"])
         if record.get("warning"):
             self._row("", "", "warning: " + printable(record["warning"]), "", wrap=False)
         self.stream.flush()
