@@ -24,7 +24,7 @@ from typing import IO
 from astcli.errors import ParameterError
 
 FORMATS = ("table", "jsonl", "json", "csv", "tsv")
-CSV_COLUMNS = ("file", "start", "end", "label", "score", "error", "warning")
+CSV_COLUMNS = ("file", "scope", "start", "end", "label", "score", "error", "warning")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNPRINTABLE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -126,8 +126,10 @@ class JsonWriter(Writer):
 
 
 class DelimitedWriter(Writer):
-    """Long form, one row per (file, span, label): the whole file's tags, then each window's with --timeline.
-    A failed file is one row with its error; a warning is repeated on each row of its file."""
+    """Long form, one row per (file, span, label); ``scope`` tells the whole file's rows ("file") from a window's
+    ("window", with --timeline). Every input has at least one "file" row: with no tag kept, its label and score
+    are empty; a failed file's row holds its error. A warning is repeated on each row of its file. Times are
+    in seconds to the millisecond, as in every format."""
 
     def __init__(self, stream: IO[str], delimiter: str):
         super().__init__(stream)
@@ -139,12 +141,12 @@ class DelimitedWriter(Writer):
     def write(self, record: dict) -> None:
         file, warning = record["file"], record.get("warning") or ""
         if record.get("error"):
-            rows = [[file, "", "", "", "", record["error"], warning]]
+            rows = [[file, "file", "", "", "", "", record["error"], warning]]
         else:
-            spans = [{"start": 0.0, "end": record["duration"], "tags": record["tags"]}, *record.get("segments", [])]
-            rows = [[file, _number(span["start"], 3), _number(span["end"], 3), tag["label"],
-                     _number(tag["score"], 6), "", warning] for span in spans for tag in span["tags"]]
-            rows = rows or [[file, "0.000", _number(record["duration"], 3), "", "", "", warning]]
+            whole = {"start": 0.0, "end": record["duration"], "tags": record["tags"] or [{"label": "", "score": ""}]}
+            spans = [("file", whole), *(("window", span) for span in record.get("segments", []))]
+            rows = [[file, scope, _number(span["start"], 3), _number(span["end"], 3), tag["label"],
+                     _number(tag["score"], 6), "", warning] for scope, span in spans for tag in span["tags"]]
         for row in rows:
             (self.quoted if any("\r" in field for field in row) else self.rows).writerow(row)
         self.stream.flush()

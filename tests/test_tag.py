@@ -138,7 +138,7 @@ def test_formats_parse(fmt, model_dir, clips, capsys, monkeypatch):
         assert len(jsonl(out)) == 3
     else:
         rows = list(csv.DictReader(io.StringIO(out), delimiter="," if fmt == "csv" else "\t"))
-        assert set(rows[0]) == {"file", "start", "end", "label", "score", "error", "warning"}
+        assert set(rows[0]) == {"file", "scope", "start", "end", "label", "score", "error", "warning"}
         assert {r["file"] for r in rows} == {*clips[:2], "missing.wav"}
         assert [r["error"] for r in rows if r["file"] == "missing.wav"] == ["no such file"]
         first = [r for r in rows if r["file"] == clips[0]]
@@ -150,7 +150,7 @@ def test_output_file_and_format_from_extension(model_dir, clips, tmp_path, capsy
     target = tmp_path / "tags.csv"
     code, out, _ = run_cli(["tag", "-m", model_dir, "-o", str(target), clips[0]], capsys, monkeypatch)
     assert code == 0 and out == ""
-    assert target.read_text().startswith("file,start,end,label,score,error,warning\n")
+    assert target.read_text().startswith("file,scope,start,end,label,score,error,warning\n")
 
 
 def test_input_order_with_workers_stdin_and_directories(model_dir, clips, tmp_path, capsys, monkeypatch):

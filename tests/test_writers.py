@@ -119,6 +119,26 @@ def test_a_file_with_no_tag_above_the_threshold_still_has_a_row():
     assert [(r["file"], r["label"], r["end"]) for r in rows] == [("quiet.wav", "", "1.000")]
 
 
+def test_scope_tells_whole_file_rows_from_window_rows_and_every_file_keeps_one():
+    tag = {"label": "Dog", "index": 1, "score": 0.5}
+    records = [
+        {"file": "a.wav", "duration": 4.0, "tags": [], "error": None,  # nothing kept overall, a window kept Dog
+         "segments": [{"start": 0.0, "end": 3.0, "tags": [tag]}, {"start": 3.0, "end": 4.0, "tags": []}]},
+        {"file": "b.wav", "duration": 2.0, "tags": [tag], "error": None,
+         "segments": [{"start": 0.0, "end": 2.0, "tags": [tag]}]},
+        {"file": "c.wav", "error": "corrupt or truncated audio"},
+    ]
+    for fmt, delimiter in (("csv", ","), ("tsv", "\t")):
+        rows = list(csv.DictReader(io.StringIO(_write(fmt, records)), delimiter=delimiter))
+        assert [(r["file"], r["scope"], r["start"], r["end"], r["label"], r["score"]) for r in rows] == [
+            ("a.wav", "file", "0.000", "4.000", "", ""),
+            ("a.wav", "window", "0.000", "3.000", "Dog", "0.500000"),
+            ("b.wav", "file", "0.000", "2.000", "Dog", "0.500000"),
+            ("b.wav", "window", "0.000", "2.000", "Dog", "0.500000"),
+            ("c.wav", "file", "", "", "", ""),
+        ]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_markup_and_emoji_codes_in_names_are_literal(fmt):
     name = "[red]x[/red] :smile: -rf.wav"
