@@ -337,7 +337,7 @@ def _parse_model_options(items: list[str] | None) -> dict:
     return options
 
 
-def _run_training(command: str, options: dict, start) -> None:
+def _run_training(command: str, options: dict, start, context: typer.Context) -> None:
     """The flow `train` and `finetune` share: resume a saved run, or start a new one with
     ``start(experiment, dataset, output, **common)``; then print the results table (or how to continue
     after an interruption). ``options`` are the shared and recipe options the command received."""
@@ -348,6 +348,7 @@ def _run_training(command: str, options: dict, start) -> None:
                "progress": True if shared["progress"] else None}
     dataset, output = shared["dataset"], shared["output"]
     if shared["resume"]:
+        _check_resume_options(context)
         result = experiment.resume(shared["resume"], **runtime)
     elif not dataset or not output:
         raise UsageError(f"ast {command} needs --dataset and --output (or --resume DIR)")
@@ -360,6 +361,23 @@ def _run_training(command: str, options: dict, start) -> None:
         raise typer.Exit(128 + (result.signum or 2))
     typer.echo(result.table())
     typer.echo(f"model: {result.model_dir}")
+
+
+# What --resume may change: where and how the saved run goes on, never what it computes.
+_RESUME_CHANGEABLE = ("resume", "device", "num_workers", "progress")
+
+
+def _check_resume_options(context: typer.Context) -> None:
+    """Refuse, in one line, options given with --resume that would change the saved run (its dataset, model,
+    recipe, folds, seed, precision): it continues as saved in run.json."""
+    sources = {name: context.get_parameter_source(name) for name in context.params}
+    given = [name for name, source in sources.items() if name not in _RESUME_CHANGEABLE
+             and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")]
+    if given:
+        flags = ", ".join(flag_for(name) for name in given)
+        raise UsageError(f"--resume continues the run as saved in its run.json, so {flags} cannot change it; "
+                         "only --device, --num-workers and --progress can (start a new run in another directory "
+                         "to change the rest)")
 
 
 _TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folders, a .csv manifest "
@@ -390,6 +408,7 @@ _TRAINING = (
 )
 @_training_command
 def finetune(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
                               "or checkpoint (default: ast-audioset)."),
     **options,
@@ -397,7 +416,7 @@ def finetune(
     def start(experiment, dataset, output, **common):
         return experiment.finetune(dataset, output, model=model, **common)
 
-    _run_training("finetune", options, start)
+    _run_training("finetune", options, start, ctx)
 
 
 @app.command(
@@ -407,6 +426,7 @@ def finetune(
 )
 @_training_command
 def train(
+    ctx: typer.Context,
     arch: Arch = typer.Option("ast", "--arch", help="ast or elastic."),
     size: Size = typer.Option("base", "--size", help="tiny, small or base."),
     init: Init = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
@@ -418,7 +438,7 @@ def train(
         return experiment.train(dataset, output, arch=_value(arch), size=_value(size), init=_value(init),
                                 model_options=_parse_model_options(model_option), **common)
 
-    _run_training("train", options, start)
+    _run_training("train", options, start, ctx)
 
 
 @app.command(

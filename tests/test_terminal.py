@@ -185,3 +185,45 @@ def test_plain_progress_speaks_every_interval_with_an_eta(capsys, monkeypatch):
         "ast: tagging: 50/100 s (50%), 0/1 files, 0:00:11, ETA 0:00:11",
         "a summary",
     ]
+
+
+# -- training runs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for kind in ("tones", "chirp"):
+        (root / kind).mkdir()
+        for i in range(4):
+            sf.write(root / kind / f"{i}.wav", make_signal(kind, 1.0, seed=i), 16000)
+    return root
+
+
+def test_a_failed_start_leaves_the_run_folder_reusable(model, folder_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from astcli.cli import app
+    from astcli.errors import ParameterError
+
+    out = tmp_path / "run"
+    first = CliRunner().invoke(app, ["finetune", "-m", model, "--dataset", str(folder_dataset), "-o", str(out),
+                                     "--folds", "9", "--epochs", "1"])
+    assert isinstance(first.exception, ParameterError) and first.exception.parameter == "folds"
+    assert not (out / "run.json").exists()
+    resumed = CliRunner().invoke(app, ["finetune", "--resume", str(out)])
+    assert "no run.json, so nothing to resume" in str(resumed.exception)
+
+
+@pytest.mark.parametrize(("extra", "flags"), [(["--epochs", "5"], "--epochs"),
+                                              (["-d", "elsewhere", "--seed", "3"], "--dataset, --seed")])
+def test_resume_refuses_options_that_would_change_the_run(extra, flags, tmp_path):
+    from typer.testing import CliRunner
+
+    from astcli.cli import app
+    from astcli.errors import UsageError
+
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(tmp_path), *extra, "--device", "cpu"])
+    assert isinstance(result.exception, UsageError)
+    assert str(result.exception).startswith(f"--resume continues the run as saved in its run.json, so {flags} "
+                                            "cannot change it; only --device, --num-workers and --progress can")
