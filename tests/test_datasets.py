@@ -289,6 +289,26 @@ def test_load_dataset_errors(name, match):
         load_dataset(name)
 
 
+def test_missing_paths_and_class_lists_are_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"^nope/: no such file or folder$"):
+        load_dataset("nope/")
+    datafile = tmp_path / "train.json"
+    datafile.write_text('{"data": []}')
+    with pytest.raises(DatasetError) as missing:
+        load_dataset(datafile)
+    assert str(missing.value).startswith(f"{datafile}: no class list at {tmp_path / 'class_labels_indices.csv'} ")
+
+
+def test_a_one_class_dataset_is_warned_about(tmp_path, capsys):
+    (tmp_path / "dog").mkdir()
+    for i in range(2):
+        sf.write(tmp_path / "dog" / f"{i}.wav", np.zeros(1600, np.float32), 16000)
+    assert load_dataset(tmp_path).classes == ["dog"]
+    assert capsys.readouterr().err == (f"ast: warning: {tmp_path}: every clip has the same class (dog): a model "
+                                       "trained on it learns nothing (a single-label task needs two or more "
+                                       "classes)\n")
+
+
 def _make_esc50_zip(tmp_path: Path) -> Path:
     source = _make_esc50(tmp_path / "src" / "ESC-50-master")
     archive = tmp_path / "master.zip"
@@ -311,11 +331,14 @@ def test_download_esc50_from_local_url(tmp_path):
     archive.unlink()  # re-use must not download again
     assert download_esc50(cache, progress=False, url=url) == data_dir
     assert download_esc50(cache, progress=False, url=url, sha256=record["sha256"]) == data_dir
-    with pytest.raises(DatasetError, match="cannot download"):  # a different pinned digest needs a download
+    with pytest.raises(ParameterError, match="cannot be downloaded"):  # a different pinned digest needs a download
         download_esc50(cache, progress=False, url=url, sha256="0" * 64)
     next((data_dir / "audio").iterdir()).unlink()  # damaged tree: downloads again, which now fails
-    with pytest.raises(DatasetError, match="cannot download"):
+    with pytest.raises(ParameterError) as failed:
         download_esc50(cache, progress=False, url=url)
+    assert failed.value.parameter == "data_dir"  # offline: the way out is a local copy
+    assert failed.value.problem.startswith(f"is needed: ESC-50 cannot be downloaded from {url} (")
+    assert failed.value.problem.endswith("then give its folder (holding audio/ and meta/esc50.csv)")
 
 
 def test_download_esc50_checksum_and_archive_errors(tmp_path, monkeypatch):

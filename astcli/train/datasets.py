@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from astcli.audio import AUDIO_EXTENSIONS
-from astcli.console import Progress
+from astcli.console import Progress, warn
 from astcli.errors import DatasetError, ParameterError
 from astcli.files import write_text
 from astcli.train.seeds import seeded_generator
@@ -77,6 +77,11 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 def _checked(dataset: Dataset, source: Path) -> Dataset:
     if not dataset.examples:
         raise DatasetError(f"{source}: no usable examples ({dataset.skipped} rows skipped)")
+    used = {c for e in dataset.examples for c in e.labels}
+    if len(used) < 2 and not dataset.multi_label:
+        only = dataset.classes[next(iter(used))] if used else "none"
+        warn(f"{source}: every clip has the same class ({only}): a model trained on it learns nothing "
+             "(a single-label task needs two or more classes)")
     return dataset
 
 
@@ -129,7 +134,10 @@ def _fetch(url: str, dest: Path, progress: bool) -> tuple[int, str]:
                 size += len(chunk)
                 bar.advance(len(chunk))
     except OSError as exc:  # URLError and socket timeouts are OSErrors
-        raise DatasetError(f"cannot download {url}: {getattr(exc, 'reason', None) or _why(exc)}") from exc
+        reason = getattr(exc, "reason", None) or _why(exc)
+        raise ParameterError("data_dir", f"is needed: ESC-50 cannot be downloaded from {url} ({reason}); download "
+                             "and unpack it where the network is, then give its folder (holding audio/ and "
+                             "meta/esc50.csv)") from exc
     return size, digest.hexdigest()
 
 
@@ -224,6 +232,9 @@ def load_audioset(datafile_json: str | os.PathLike, class_labels_csv: str | os.P
     Relative wav paths are resolved against the JSON's folder; a row with an unknown mid is skipped.
     """
     datafile, labels_csv = Path(datafile_json), Path(class_labels_csv)
+    if not labels_csv.is_file():
+        raise DatasetError(f"{datafile}: no class list at {labels_csv.resolve()} (an AST-style datafile needs "
+                           "class_labels_indices.csv, index,mid,display_name, in its folder)")
     try:
         rows = _read_csv(labels_csv, ("index", "mid", "display_name"))
         table = sorted((int(r["index"]), r["mid"].strip(), r["display_name"].strip()) for r in rows)
@@ -332,6 +343,8 @@ def load_dataset(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | 
         return load_manifest(path)
     if path.suffix.lower() == ".json":
         return load_audioset(path, path.parent / "class_labels_indices.csv")
+    if not path.exists() and (os.sep in name or "/" in name or path.suffix):
+        raise DatasetError(f"{name}: no such file or folder")
     raise DatasetError(
         f"unknown dataset {name!r}: expected esc50, speechcommands, audioset, a folder, "
         "a .csv manifest or a .json datafile"
