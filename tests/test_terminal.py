@@ -213,6 +213,12 @@ def test_a_failed_start_leaves_the_run_folder_reusable(model, folder_dataset, tm
     assert not (out / "run.json").exists()
     resumed = CliRunner().invoke(app, ["finetune", "--resume", str(out)])
     assert "no run.json, so nothing to resume" in str(resumed.exception)
+    fixed = CliRunner().invoke(app, ["finetune", "-m", model, "--dataset", str(folder_dataset), "-o", str(out),
+                                     "--epochs", "1", "--num-workers", "0"])
+    assert fixed.exit_code == 0, fixed.output
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["source_model"] == {"path": model} and saved["model"] == model
+    assert not {"arch", "size", "init", "model_options"} & set(saved)  # a finetune is not a from-scratch run
 
 
 @pytest.mark.parametrize(("extra", "flags"), [(["--epochs", "5"], "--epochs"),

@@ -85,7 +85,13 @@ class RunSpec:
                                  f"ViT-B): use size base, or init none for size {self.size}")
 
     def to_dict(self) -> dict:
-        return json_safe(dataclasses.asdict(self))
+        """The fields of this kind of run (a finetune has no arch, size, init or model options; a train no
+        model); a finetune adds ``source_model``: where its starting weights come from."""
+        unused = ("arch", "size", "init", "model_options") if self.kind == "finetune" else ("model",)
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
+        if self.kind == "finetune":
+            data["source_model"] = _provenance(str(self.model))
+        return json_safe(data)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
@@ -313,6 +319,19 @@ def resume(out_dir: str | Path, *, device=None, num_workers: int | None = None, 
         raise UsageError(f"{meta}: unreadable run description ({exc})") from exc
     return run(spec, out_dir, resume=True, device=device, num_workers=num_workers, progress=progress,
                on_epoch_end=on_epoch_end, on_step=on_step)
+
+
+def _provenance(source: str) -> dict:
+    """A starting model's origin: a preset (its hub id and revision), a local path (absolute) or a hub id."""
+    from astcli.model.presets import get_preset
+
+    preset = get_preset(source)
+    if preset is not None:
+        return {"preset": source, "hub_id": preset.source, "revision": preset.revision}
+    path = Path(source).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve())}
+    return {"hub_id": source}
 
 
 def _str(value) -> str | None:
