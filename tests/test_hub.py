@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -143,21 +142,19 @@ def test_every_command_that_fetches_fails_fast_with_the_remedy(argv, dead_hub, f
         assert "facebook/deit-base-distilled-patch16-384" in message and "train from scratch (init none)" in message
 
 
-def test_cli_with_an_unreachable_endpoint_ends_quickly_with_one_line(tmp_path, folder_dataset):
-    """The real environment variables, in a fresh process; the bound is far below huggingface_hub's ~25 s
-    back-off, so it tells a single attempt from a retry loop on any machine."""
+def test_cli_with_an_unreachable_endpoint_asks_once_and_says_what_to_do(tmp_path, folder_dataset):
+    """The real environment variables, in a fresh process: one request (huggingface_hub's back-off would make
+    six over about 25 s, logging "Retrying" each time), then one line."""
     hub = DeadHub()
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
     env.pop("HF_HUB_CACHE", None)
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "astcli", "tag", str(folder_dataset / "a" / "0.wav")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    elapsed = time.monotonic() - started
+                          capture_output=True, text=True, env=env, timeout=300)
     hub.close()
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("ast: error: MIT/ast-finetuned-audioset-10-10-0.4593: not in the local")
     assert len(done.stderr.splitlines()) == 1 and "Retrying" not in done.stderr
-    assert hub.connections <= 2 and elapsed < 15
+    assert hub.connections <= 2
 
 
 def test_list_models_is_sorted_sized_marks_the_default_and_the_cache_without_torch(tmp_path, model_dir):
