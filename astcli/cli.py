@@ -109,13 +109,15 @@ def tag(
     fmt: Format = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
                             "(default: table on a terminal, jsonl otherwise, or from -o's extension)."),
     output: str = typer.Option(None, "--output", "-o", help="Write records to this file instead of stdout."),
-    timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (and per-window CSV rows)."),
+    timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (rows in the table, CSV "
+                                  "and TSV)."),
     device: Device = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: DType = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Tokens per packed forward pass "
                                      "(default: 2048 on CPU, 16384 on CUDA)."),
     workers: int = typer.Option(1, "--workers", help="Threads decoding audio while the model runs."),
-    progress: bool = typer.Option(False, "--progress", help="Show a progress bar even when stderr is not a terminal."),
+    progress: bool = typer.Option(False, "--progress", help="Show progress even when stderr is not a terminal "
+                                  "(then a plain line every 5 s)."),
     list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),
 ) -> None:
     if list_models:

@@ -214,8 +214,10 @@ def test_a_failed_start_leaves_the_run_folder_reusable(model, folder_dataset, tm
     resumed = CliRunner().invoke(app, ["finetune", "--resume", str(out)])
     assert "no run.json, so nothing to resume" in str(resumed.exception)
     fixed = CliRunner().invoke(app, ["finetune", "-m", model, "--dataset", str(folder_dataset), "-o", str(out),
-                                     "--epochs", "1", "--num-workers", "0"])
+                                     "--epochs", "1", "--num-workers", "0", "--progress"])
     assert fixed.exit_code == 0, fixed.output
+    progress = [line for line in fixed.stderr.splitlines() if line.startswith("ast: epoch")]
+    assert re.fullmatch(r"ast: epoch 1/1: 0/\d+ \(0%\), .*", progress[0])  # the first epoch speaks at its start
     saved = json.loads((out / "run.json").read_text())
     assert saved["source_model"] == {"path": model} and saved["model"] == model
     assert not {"arch", "size", "init", "model_options"} & set(saved)  # a finetune is not a from-scratch run
