@@ -292,7 +292,7 @@ class Pipeline:
         aggregate = self.options.aggregate or ("max" if self.tagger.config.multi_label else "mean")
         window_scores = result.window_scores
         overall = window_scores.amax(0) if aggregate == "max" else window_scores.mean(0)
-        record = {"file": result.file, "duration": round(result.duration, 6), "tags": self._tags(overall),
+        record = {"file": result.file, "duration": round(result.duration, 3), "tags": self._tags(overall),
                   "error": None}
         if self.options.timeline:
             record["segments"] = [{"start": round(a, 3), "end": round(b, 3), "tags": self._tags(row)}

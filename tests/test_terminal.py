@@ -3,7 +3,9 @@ emulator (pyte) to get the screen; and with stderr in a pipe, as a log file or C
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import os
 import re
@@ -235,3 +237,18 @@ def test_resume_refuses_options_that_would_change_the_run(extra, flags, tmp_path
     assert isinstance(result.exception, UsageError)
     assert str(result.exception).startswith(f"--resume continues the run as saved in its run.json, so {flags} "
                                             "cannot change it; only --device, --num-workers and --progress can")
+
+
+def test_durations_have_the_same_precision_in_every_format(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from astcli.cli import app
+
+    path = tmp_path / "odd.wav"
+    sf.write(path, make_signal("tones", 19753 / 16000), 16000)  # 1.2345625 s
+    out = {fmt: CliRunner().invoke(app, ["tag", "-m", model, str(path), "-f", fmt, "--timeline"]).output
+           for fmt in ("jsonl", "csv", "table")}
+    record = json.loads(out["jsonl"])
+    assert record["duration"] == 1.235 and record["segments"][-1]["end"] == 1.235
+    assert [row["end"] for row in csv.DictReader(io.StringIO(out["csv"]))][:2] == ["1.235", "1.235"]
+    assert out["table"].splitlines()[1].split()[1] == "1.235"
