@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from astcli.backends import BATCH_TOKENS, Backend, OnnxBackend, TorchBackend
+from astcli.backends import BATCH_TOKENS, Backend, OnnxBackend, TorchBackend, resolve_dtype
 from astcli.errors import ModelError, ParameterError
 from astcli.features import fbank, normalize
 from astcli.model.checkpoints import load_transformer, preset_source, read_labels
@@ -158,6 +158,9 @@ def _backends(source: str, labels, device, dtype, revision: str | None) -> list[
         return [b for m in preset.members for b in _backends(m, labels, device, dtype, None)]
     source, revision = preset_source(source, revision)
     if Path(source).suffix == ".onnx":
+        if dtype is not None and resolve_dtype(dtype) != torch.float32:
+            raise ParameterError("dtype", f"{dtype} applies to PyTorch models: {source} is an ONNX graph and runs in "
+                                 "the precision it was exported in (export it with fp16 for a float16 graph)")
         return [OnnxBackend(source, labels=labels, device=device)]
     model = load_transformer(source, labels, revision)
     return [TorchBackend(model, device=device, dtype=dtype, name=source)]

@@ -221,6 +221,10 @@ def test_onnx_tagger_options(models, ast_onnx, elastic_onnx):
         OnnxBackend(models["root"] / "missing.onnx")
     with pytest.raises(ModelError, match="cannot be saved"):
         load_model(ast_onnx).save(models["root"] / "copy")
+    with pytest.raises(ParameterError) as refused:  # never silently ignored
+        load_model(ast_onnx, dtype="bfloat16")
+    assert refused.value.parameter == "dtype" and "is an ONNX graph" in refused.value.problem
+    assert load_model(ast_onnx, dtype="float32").labels == load_model(ast_onnx).labels
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(UsageError, match="onnxruntime-gpu"):
             OnnxBackend(ast_onnx, device="cuda")
