@@ -74,9 +74,10 @@ def _root(
 
 
 # Options that tag and export share (one OptionInfo each: typer only reads them)
-_LABELS = typer.Option(None, "--labels", help="Label file for bare checkpoints (CSV index,mid,display_name, JSON, "
+_LABELS = typer.Option(None, "--labels", metavar="FILE",
+                       help="Label file for bare checkpoints (CSV index,mid,display_name, JSON, "
                        "or one label per line).")
-_REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) to pin.")
+_REVISION = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit) to pin.")
 
 
 @app.command(
@@ -89,33 +90,39 @@ _REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or 
     "or an exported .onnx file.",
 )
 def tag(
-    files: list[str] = typer.Argument(None, help="Audio files, directories, or '-' for paths on stdin."),
+    files: list[str] = typer.Argument(None, metavar="FILES", hidden=True,  # the command's help describes FILES
+                                      help="Audio files, directories, or '-' for paths on stdin."),
     model: list[str] = typer.Option(
-        None, "--model", "-m", help="Model to use (repeat for an ensemble; probabilities are averaged). "
+        None, "--model", "-m", metavar="MODEL",
+        help="Model to use (repeat for an ensemble; probabilities are averaged). "
         "Default: ast-audioset. Presets: see `ast tag --list-models`."
     ),
     labels: str = _LABELS,
     revision: str = _REVISION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of directories."),
-    window: float = typer.Option(None, "--window", help="Window length in seconds (default: the model's)."),
-    hop: float = typer.Option(None, "--hop", help="Seconds between window starts (default: the window; "
+    window: float = typer.Option(None, "--window", metavar="SECONDS",
+                                 help="Window length in seconds (default: the model's)."),
+    hop: float = typer.Option(None, "--hop", metavar="SECONDS",
+                              help="Seconds between window starts (default: the window; "
                               "smaller values overlap windows)."),
-    hop_ms: float = typer.Option(None, "--hop-ms", help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
+    hop_ms: float = typer.Option(None, "--hop-ms", metavar="MS",
+                                 help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
                                  "fewer tokens and faster tagging)."),
     aggregate: Aggregate = typer.Option(None, "--aggregate", help="Per-file score over windows: mean or max "
                                   "(default: max for multi-label models, mean otherwise)."),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="Tags per file/window; 0 = every class."),
-    threshold: float = typer.Option(None, "--threshold", help="Keep only tags scoring at least this."),
+    top_k: int = typer.Option(5, "--top-k", "-k", metavar="N", help="Tags per file/window; 0 = every class."),
+    threshold: float = typer.Option(None, "--threshold", metavar="SCORE", help="Keep only tags scoring at least this."),
     fmt: Format = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
                             "(default: table on a terminal, jsonl otherwise, or from -o's extension)."),
-    output: str = typer.Option(None, "--output", "-o", help="Write records to this file instead of stdout."),
+    output: str = typer.Option(None, "--output", "-o", metavar="FILE",
+                               help="Write records to this file instead of stdout."),
     timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (rows in the table, CSV "
                                   "and TSV)."),
     device: Device = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: DType = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Tokens per packed forward pass "
+    batch_tokens: int = typer.Option(None, "--batch-tokens", metavar="N", help="Tokens per packed forward pass "
                                      "(default: 2048 on CPU, 16384 on CUDA)."),
-    workers: int = typer.Option(1, "--workers", help="Threads decoding audio while the model runs."),
+    workers: int = typer.Option(1, "--workers", metavar="N", help="Threads decoding audio while the model runs."),
     progress: bool = typer.Option(False, "--progress", help="Show progress even when stderr is not a terminal "
                                   "(then a plain line every 5 s)."),
     list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),
@@ -298,6 +305,9 @@ _RECIPE_OPTIONS = (
 )
 
 
+_METAVARS = {int: "N", float: "NUMBER", str: "NAME"}  # placeholders in --help for the recipe options
+
+
 def _training_command(func):
     """Append the options `train` and `finetune` share (``_TRAINING``) and one option per overridable recipe
     field to a command; they reach it as ``**options``."""
@@ -305,7 +315,8 @@ def _training_command(func):
 
     signature = inspect.signature(func)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    recipe = [(name, kind | None, typer.Option(None, flag, help=text)) for name, kind, flag, text in _RECIPE_OPTIONS]
+    recipe = [(name, kind | None, typer.Option(None, flag, help=text, metavar=_METAVARS.get(kind)))
+              for name, kind, flag, text in _RECIPE_OPTIONS]
     for name, kind, option in [*_TRAINING, *recipe]:
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     func.__signature__ = signature.replace(parameters=params)
@@ -387,16 +398,20 @@ _TRAIN_DATASET_HELP = ("esc50, speechcommands, audioset, a folder of class folde
 
 # Options that `train` and `finetune` share: (name, type, option), added by ``_training_command``.
 _TRAINING = (
-    ("dataset", str, typer.Option(None, "--dataset", "-d", help=_TRAIN_DATASET_HELP)),
-    ("data_dir", str, typer.Option(None, "--data-dir", help="Where the dataset lies (esc50 without it: downloaded).")),
-    ("output", str, typer.Option(None, "--output", "-o", help="Output directory (checkpoints, logs, model/).")),
-    ("resume", str, typer.Option(None, "--resume", help="Continue the run saved in this directory.")),
-    ("folds", str, typer.Option(None, "--folds", help="Folds to run, e.g. 1,2 (default: all); none = no "
+    ("dataset", str, typer.Option(None, "--dataset", "-d", metavar="DATASET", help=_TRAIN_DATASET_HELP)),
+    ("data_dir", str, typer.Option(None, "--data-dir", metavar="PATH",
+                                   help="Where the dataset lies (esc50 without it: downloaded).")),
+    ("output", str, typer.Option(None, "--output", "-o", metavar="DIR",
+                                 help="Output directory (checkpoints, logs, model/).")),
+    ("resume", str, typer.Option(None, "--resume", metavar="DIR", help="Continue the run saved in this directory.")),
+    ("folds", str, typer.Option(None, "--folds", metavar="FOLDS",
+                                help="Folds to run, e.g. 1,2 (default: all); none = no "
                                 "cross-validation.")),
-    ("seed", int, typer.Option(0, "--seed", help="Random seed.")),
+    ("seed", int, typer.Option(0, "--seed", metavar="N", help="Random seed.")),
     ("amp", Amp, typer.Option("auto", "--amp", help="Mixed precision: auto, bf16, fp16 or off.")),
     ("device", Device, typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda.")),
-    ("num_workers", int, typer.Option(None, "--num-workers", help="Data loading processes (default: min(2, "
+    ("num_workers", int, typer.Option(None, "--num-workers", metavar="N",
+                                      help="Data loading processes (default: min(2, "
                                       "cores)).")),
     ("progress", bool, typer.Option(False, "--progress", help="Progress bar and epoch logs on stderr even when it "
                                     "is not a terminal.")),
@@ -411,7 +426,8 @@ _TRAINING = (
 @_training_command
 def finetune(
     ctx: typer.Context,
-    model: str = typer.Option(None, "--model", "-m", help="Model to start from: preset, hub id, model directory "
+    model: str = typer.Option(None, "--model", "-m", metavar="MODEL",
+                              help="Model to start from: preset, hub id, model directory "
                               "or checkpoint (default: ast-audioset)."),
     **options,
 ) -> None:
@@ -432,7 +448,8 @@ def train(
     arch: Arch = typer.Option("ast", "--arch", help="ast or elastic."),
     size: Size = typer.Option("base", "--size", help="tiny, small or base."),
     init: Init = typer.Option("imagenet", "--init", help="imagenet (base size only) or none."),
-    model_option: list[str] = typer.Option(None, "--model-option", help="Architecture override KEY=VALUE "
+    model_option: list[str] = typer.Option(None, "--model-option", metavar="KEY=VALUE",
+                                           help="Architecture override KEY=VALUE "
                                            "(e.g. depth=6), repeatable."),
     **options,
 ) -> None:
@@ -452,14 +469,16 @@ def train(
 )
 def export(
     onnx: bool = typer.Option(False, "--onnx", help="Write an ONNX graph (the only export format)."),
-    model: str = typer.Option(None, "--model", "-m", help="Model to export: a preset, hub id, model directory or "
+    model: str = typer.Option(None, "--model", "-m", metavar="MODEL",
+                              help="Model to export: a preset, hub id, model directory or "
                               "checkpoint file (default: ast-audioset)."),
-    output: str = typer.Option(..., "--output", "-o", help="Destination file, ending in .onnx."),
+    output: str = typer.Option(..., "--output", "-o", metavar="FILE", help="Destination file, ending in .onnx."),
     labels: str = _LABELS,
     revision: str = _REVISION,
-    hop_ms: float = typer.Option(None, "--hop-ms", help="ElasticAST feature hop in ms, stored as the model's "
+    hop_ms: float = typer.Option(None, "--hop-ms", metavar="MS",
+                                 help="ElasticAST feature hop in ms, stored as the model's "
                                  "default (and built into a --with-features graph)."),
-    opset: int = typer.Option(None, "--opset", help="ONNX opset, 17 to 25 (default 18; 23+ uses the fused "
+    opset: int = typer.Option(None, "--opset", metavar="N", help="ONNX opset, 17 to 25 (default 18; 23+ uses the fused "
                               "Attention op, which needs a recent onnxruntime)."),
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute, for CUDAExecutionProvider "
                               "(inputs and outputs stay float32)."),

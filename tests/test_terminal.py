@@ -252,3 +252,16 @@ def test_durations_have_the_same_precision_in_every_format(model, tmp_path):
     assert record["duration"] == 1.235 and record["segments"][-1]["end"] == 1.235
     assert [row["end"] for row in csv.DictReader(io.StringIO(out["csv"]))][:2] == ["1.235", "1.235"]
     assert out["table"].splitlines()[1].split()[1] == "1.235"
+
+
+@pytest.mark.parametrize("command", ["tag", "finetune", "train", "export"])
+def test_help_shows_placeholders_not_python_types(command):
+    from typer.testing import CliRunner
+
+    from astcli.cli import app
+
+    text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "100"}).output
+    assert not re.search(r"<(list\[|(str|int|float|bool)>)", text), text
+    if command == "tag":
+        assert "Usage: ast tag [OPTIONS] [FILES]..." in text
+        assert re.search(r"-m, --model MODEL +Model to use", text) and re.search(r"--window SECONDS +Window", text)
