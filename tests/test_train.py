@@ -316,6 +316,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(small_folder, straig
     assert proc.returncode == -signal.SIGKILL
     state = torch.load(out / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 0) and not (out / "model").exists()
+    assert set(state["rng"]) <= {"torch", "cuda"}  # torch's generators only: nothing draws from Python's or NumPy's
     done = subprocess.run([sys.executable, str(script), "resume", str(small_folder), str(out)], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
