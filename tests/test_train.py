@@ -358,8 +358,9 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
                                 str(tmp_path / "esc")])
     assert tuned.exit_code == 0, tuned.output
     lines = tuned.output.splitlines()
-    assert lines[0].split() == ["fold", "top1", "model", "epoch"]
+    assert lines[0].split() == ["fold", "top1", "clips", "model", "epoch"]
     assert [line.split()[0] for line in lines[1:7]] == ["1", "2", "3", "4", "5", "mean"]
+    assert [line.split()[2] for line in lines[1:6]] == ["3"] * 5  # each held-out fold: one clip of each class
     assert "±" in lines[6] and lines[7].startswith("AST protocol")
     summary = json.loads((tmp_path / "esc" / "summary.json").read_text())
     assert summary["metric"] == "top1" and len(summary["runs"]) == 5

@@ -109,6 +109,7 @@ class TrainResult:
     folded: bool
     interrupted: bool = False
     signum: int | None = None
+    eval_clips: list[tuple[int, int]] = field(default_factory=list)  # (validation, test) clips of each run
 
     @property
     def model_dir(self) -> Path:
@@ -146,15 +147,18 @@ class TrainResult:
         names = ("top1", "top5", "mAP", "mAUC", "d_prime")
         keys = [k for k in names if any(k in r.metrics for r in self.runs)]
         tests = [k for k in names if any(k in r.test_metrics for r in self.runs)]
-        head = ["fold" if self.folded else "run", *keys, *(f"test_{k}" for k in tests), "model", "epoch"]
+        counts = self.eval_clips or [(0, 0)] * len(self.runs)
+        sizes = ["clips", *(["test_clips"] if tests else [])]  # how many clips each row's metrics stand on
+        head = ["fold" if self.folded else "run", *keys, *(f"test_{k}" for k in tests), *sizes, "model", "epoch"]
         rows = []
-        for r in self.runs:
+        for r, (val, test) in zip(self.runs, counts, strict=True):
             cells = [str(r.fold) if r.fold is not None else "-"]
             cells += [_fmt(r.metrics.get(k)) for k in keys] + [_fmt(r.test_metrics.get(k)) for k in tests]
-            rows.append([*cells, r.selected, str(r.epoch)])
+            rows.append([*cells, str(val), *([str(test)] if tests else []), r.selected, str(r.epoch)])
         if len(self.runs) > 1:
             stats = [self.mean_std(k) for k in keys]
-            rows.append(["mean", *[f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats], *([""] * len(tests)), "", ""])
+            rows.append(["mean", *[f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats], *([""] * len(tests)),
+                         *([""] * len(sizes)), "", ""])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [head, *rows]]
         protocol = self.ast_protocol()
@@ -240,7 +244,8 @@ class _Experiment:
             if result.interrupted:
                 stop = options.stop
                 return TrainResult(self.out, runs, metric, folded, interrupted=True, signum=stop and stop.signum)
-        result = TrainResult(self.out, runs, metric, folded)
+        clips = [(len(split.validation), len(split.test)) for split in self.splits]
+        result = TrainResult(self.out, runs, metric, folded, eval_clips=clips)
         if self.dist.main:
             if folded:
                 first = runs[0].out_dir / "model"
