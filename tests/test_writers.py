@@ -82,8 +82,9 @@ def test_names_round_trip_in_every_format(items):
     spaceless = [r for r in records if " " not in r["file"]]  # the table's columns are split at spaces here
     table = _write("table", spaceless or records)
     assert "\udc80" not in table and all(ord(c) >= 0x20 or c == "\n" for c in table)
-    shown = [line.split(" ")[0] for line in table.split("\n")[1:] if line and not line.startswith(" ")]
-    assert [os.fsencode(_unprintable(s)) for s in shown] == [os.fsencode(r["file"]) for r in spaceless]
+    if spaceless:  # names with spaces cannot be read back from the columns (the printable check above holds)
+        shown = [line.split(" ")[0] for line in table.split("\n")[1:] if line and not line.startswith(" ")]
+        assert [os.fsencode(_unprintable(s)) for s in shown] == [os.fsencode(r["file"]) for r in spaceless]
 
 
 def test_printable_is_one_line_and_unambiguous():
