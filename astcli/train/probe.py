@@ -107,7 +107,8 @@ def fit_probe(x: torch.Tensor, targets: torch.Tensor, *, multi_label: bool, l2: 
     if not l2 > 0:
         raise ParameterError("l2", f"must be positive (got {l2:g})")
     x = x.double()
-    center, scale = x.mean(0), x.std(0, correction=0).clamp_min(1e-8)
+    center, spread = x.mean(0), x.std(0, correction=0)
+    scale = torch.where(spread > 1e-8, spread, torch.ones_like(spread))  # a constant feature stays unscaled
     z = (x - center) / scale
     targets = targets.double()
     labels = targets if multi_label else targets.argmax(1)
