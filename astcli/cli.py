@@ -301,7 +301,8 @@ _RECIPE_OPTIONS = (
     ("select", str, "--select", "Final model: last, best (validation) or wa (weight average)."),
     ("grad_accum", int, "--grad-accum", "Batches per optimizer step."),
     ("clip_grad", float, "--clip-grad", "Clip the gradient norm to this value."),
-    ("val_fraction", float, "--val-fraction", "Held-out share when the dataset has no folds or validation split."),
+    ("val_fraction", float, "--val-fraction", "Validation share of the training data (of the training folds with "
+     "cross-validation) when the dataset has no validation split."),
 )
 
 

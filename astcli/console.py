@@ -1,8 +1,8 @@
 """What people see on stderr while a command runs: warnings and progress (stdout carries only data).
 
-``warn`` prints one ``ast: warning: ...`` line; ``warn_once`` makes a reporter that says its warning at the
-first call only. ``Progress`` draws a rich bar on stderr when stderr is a terminal or a caller forces it,
-and does nothing otherwise.
+``warn`` prints one ``ast: warning: ...`` line, ``note`` one ``ast: ...`` line; ``warn_once`` makes a reporter
+that says its warning at the first call only. ``Progress`` draws a rich bar on stderr when stderr is a terminal
+or a caller forces it, and does nothing otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from collections.abc import Callable
 def warn(message: str) -> None:
     """Print ``ast: warning: <message>`` on stderr (one line, flushed at once)."""
     print(f"ast: warning: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """Print ``ast: <message>`` on stderr: what a long command decided before it starts (one line, flushed)."""
+    print(f"ast: {message}", file=sys.stderr, flush=True)
 
 
 def warn_once(message: Callable[[str], str], quiet: bool = False) -> Callable[[str], None]:

@@ -92,16 +92,32 @@ def test_add_noise_hits_the_requested_snr(snr_db, noise_len):
 
 def test_feature_noise_adds_small_noise_and_rolls():
     features = torch.arange(50.0)[:, None].repeat(1, 16)  # each frame holds its index
-    out = feature_noise(features, _gen(0))
+    out = feature_noise(features, _gen(0), reference_frames=50)
     assert out.shape == features.shape
-    assert torch.equal(out, feature_noise(features, _gen(0)))
+    assert torch.equal(out, feature_noise(features, _gen(0), reference_frames=50))
     shifts = [s for s in range(-10, 11) if bool(((out - features.roll(s, 0)).abs() < 0.1).all())]
     assert len(shifts) == 1
     seen = set()
     for seed in range(200):
-        out = feature_noise(features, _gen(seed))
+        out = feature_noise(features, _gen(seed), reference_frames=50)
         seen.add(next(s for s in range(-10, 11) if bool(((out - features.roll(s, 0)).abs() < 0.1).all())))
     assert seen == set(range(-10, 11))
+
+
+def test_masks_and_roll_scale_to_short_clips_and_never_cover_half_of_one():
+    clip = torch.rand(64, 128) + 1  # 0.64 s; the recipe's masks are meant for 128 frames
+    time = [_mask_widths(spec_augment(clip, 0, 48, _gen(s), reference_frames=128))[1] for s in range(300)]
+    assert 18 <= max(time) <= 23  # 48 * 64 / 128 = 24 -> uniform in [0, 24)
+    short = torch.rand(20, 128) + 1
+    for seed in range(300):  # masks asked for 120 bins and 60 frames: at most half of the clip
+        freq, time = _mask_widths(spec_augment(short, 120, 48, _gen(seed), reference_frames=16))
+        assert freq <= 64 and time <= 10
+    frames = torch.arange(32.0)[:, None].repeat(1, 16)
+    seen = set()
+    for seed in range(100):  # AST's +-10-frame roll at 128 frames is +-2 frames on a 32-frame clip
+        out = feature_noise(frames, _gen(seed), reference_frames=128)
+        seen.add(next(s for s in range(-10, 11) if bool(((out - frames.roll(s, 0)).abs() < 0.1).all())))
+    assert seen == set(range(-2, 3))
 
 
 def test_random_hop_ms():

@@ -112,9 +112,14 @@ def test_recipes_carry_the_paper_defaults_and_take_overrides():
     assert (aset.lr, aset.epochs, aset.batch_size, aset.timem, aset.mixup) == (1e-5, 5, 12, 192, 0.5)
     assert aset.balanced and aset.select == "wa"
     assert (aset.lr_decay, aset.lr_decay_start, aset.wa_start, aset.wa_end, aset.warmup_steps) == (0.5, 2, 1, 5, 1000)
-    custom = recipe_for("my-sounds", pretrained="none", multi_label=True)
+    custom = recipe_for("my-sounds", pretrained="imagenet", multi_label=True)
     assert (custom.lr, custom.epochs, custom.batch_size, custom.loss) == (1e-4, 10, 32, "bce")
     assert recipe_for("my-sounds").lr == 1e-5
+    scratch = recipe_for("my-sounds", pretrained="none", size="tiny")
+    assert (scratch.name, scratch.optimizer, scratch.lr, scratch.weight_decay, scratch.loss) == (
+        "scratch", "adamw", 1e-3, 0.05, "ce")
+    assert [recipe_for("x", pretrained="none", size=s).lr for s in ("small", "base")] == [5e-4, 2.5e-4]
+    assert recipe_for("esc50", pretrained="none").name == "esc50"  # a published recipe stays
     changed = esc.replace(lr=3e-4, epochs=3, mixup=None)
     assert (changed.lr, changed.epochs, changed.mixup) == (3e-4, 3, 0.0)
     assert Recipe.from_dict(changed.to_dict()) == changed
@@ -232,13 +237,13 @@ def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
                               epochs=2, lr=1e-3, batch_size=4, window=64, val_fraction=0.2, num_workers=0)
     assert result.runs[0].bad_clips == 2 and len(result.runs[0].history) == 2
     assert result.runs[0].history[-1]["bad"] == 2
-    assert capsys.readouterr().err.count("warning") == 1
+    assert capsys.readouterr().err.count("warning: skipping unreadable audio") == 1
     # ElasticAST reads the headers first: the same files are skipped before training, with one warning.
     result = experiment.train(str(data), tmp_path / "elastic", arch="elastic", size="tiny", init="none",
                               model_options=TINY, epochs=1, lr=1e-3, batch_size=4, num_workers=0)
     assert result.runs[0].bad_clips == 2
     err = capsys.readouterr().err
-    assert err.count("warning") == 1 and "2 unreadable" in err
+    assert err.count("warning: 2 unreadable clip(s) skipped") == 1 and "skipping" not in err
 
 
 # -- resume --------------------------------------------------------------------------------------------
@@ -284,6 +289,7 @@ def _comparable(out: Path) -> tuple[dict, dict]:
     for record in result["history"]:
         for key in TIMING_KEYS:
             record.pop(key)
+    result["baseline"].pop("seconds")
     return result, load_file(str(out / "model" / "model.safetensors"))
 
 
@@ -349,7 +355,7 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
                                   "--init", "none", *tiny, "--epochs", "1", "--lr", "1e-3", "--batch-size", "6",
                                   "--num-workers", "0", "-o", str(tmp_path / "pre")])
     assert trained.exit_code == 0, trained.output
-    assert "model:" in trained.output and 48 <= load_model(tmp_path / "pre" / "model").config.max_frames <= 98
+    assert "model:" in trained.stdout and 48 <= load_model(tmp_path / "pre" / "model").config.max_frames <= 98
 
     esc = make_esc50(tmp_path / "ESC-50")
     tuned = runner.invoke(app, ["finetune", "--dataset", "esc50", "--data-dir", str(esc), "--model",
@@ -357,13 +363,18 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
                                 "--batch-size", "4", "--lr", "1e-3", "--num-workers", "1", "-o",
                                 str(tmp_path / "esc")])
     assert tuned.exit_code == 0, tuned.output
-    lines = tuned.output.splitlines()
-    assert lines[0].split() == ["fold", "top1", "clips", "model", "epoch"]
+    lines = tuned.stdout.splitlines()
+    assert lines[0].split() == ["fold", "top1", "test_top1", "probe_top1", "clips", "test_clips", "model", "epoch"]
     assert [line.split()[0] for line in lines[1:7]] == ["1", "2", "3", "4", "5", "mean"]
-    assert [line.split()[2] for line in lines[1:6]] == ["3"] * 5  # each held-out fold: one clip of each class
-    assert "±" in lines[6] and lines[7].startswith("AST protocol")
+    assert [line.split()[4:6] for line in lines[1:6]] == [["3", "3"]] * 5  # one clip of each class each
+    assert lines[6].count("±") == 3 and lines[7].startswith("probe:") and lines[8].startswith("AST protocol")
+    assert "esc50 recipe: 9 training, 3 validation, 3 test clips per fold" in tuned.stderr
     summary = json.loads((tmp_path / "esc" / "summary.json").read_text())
     assert summary["metric"] == "top1" and len(summary["runs"]) == 5
+    for run in summary["runs"]:  # selection on the validation clips, the held-out fold reported as the test
+        assert set(run["test_metrics"]) == {"top1"} and run["baseline"]["on"] == "test"
+        assert [r["epoch"] for r in run["history"]] == [1, 2] and "test_top1" in run["history"][0]
+    assert summary["test_mean"] == pytest.approx(np.mean([r["test_metrics"]["top1"] for r in summary["runs"]]))
     tagger = load_model(tmp_path / "esc" / "model")
     assert tagger.labels == ["tone", "noise", "chirp"] and tagger.config.max_frames == 128
     assert (tagger.config.mean, tagger.config.std) == (-6.6268077, 5.358466)
@@ -375,7 +386,7 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
     assert isinstance(again.exception, ParameterError) and "resume it" in str(again.exception)
     assert flag_for(again.exception.parameter) == "--output"
     resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "esc")])  # every fold done: report
-    assert resumed.exit_code == 0 and resumed.output.splitlines()[:7] == lines[:7]
+    assert resumed.exit_code == 0 and resumed.stdout.splitlines()[:9] == lines[:9]
 
 
 def test_cli_rejects_imagenet_weights_for_small_sizes(small_folder, tmp_path):

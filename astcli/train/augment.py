@@ -32,17 +32,19 @@ def spec_augment(
 
     The frequency mask is uniform in [0, freq_mask) bins wide. ``time_mask`` is meant for clips of
     ``reference_frames`` frames (AST recipes: 1024 AudioSet, 512 ESC-50, 128 Speech Commands) and is scaled
-    to this clip: the time mask is uniform in [0, max(1, round(time_mask * frames / reference_frames))).
+    to this clip's own length: the time mask is uniform in [0, max(1, round(time_mask * frames /
+    reference_frames))). Neither mask ever covers more than half of the bins or frames (the widest AST recipe
+    masks at most 48 of 128 frames), so a short clip keeps most of itself.
     """
     frames, mels = features.shape
     out = features.clone()
     if freq_mask > 0:
-        width = _randint(generator, 0, min(freq_mask, mels + 1))
+        width = _randint(generator, 0, min(freq_mask, mels // 2 + 1))
         start = _randint(generator, 0, mels - width + 1)
         out[:, start : start + width] = 0
     if time_mask > 0:
         scaled = max(1, round(time_mask * frames / reference_frames))
-        width = _randint(generator, 0, min(scaled, frames + 1))
+        width = _randint(generator, 0, min(scaled, frames // 2 + 1))
         start = _randint(generator, 0, frames - width + 1)
         out[start : start + width] = 0
     return out
@@ -89,11 +91,13 @@ def add_noise(
     return waveform + scale * crop
 
 
-def feature_noise(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """AST's feature noise: add uniform noise scaled by rand/10, then roll by [-10, 10] frames."""
+def feature_noise(features: torch.Tensor, generator: torch.Generator, reference_frames: int = 128) -> torch.Tensor:
+    """AST's feature noise: add uniform noise scaled by rand/10, then roll along time by up to 10 frames at
+    ``reference_frames`` frames (AST's Speech Commands clips: 128), scaled to this clip's length."""
     level = torch.rand((), generator=generator, dtype=features.dtype) / 10
     noisy = features + torch.rand(features.shape, generator=generator, dtype=features.dtype) * level
-    return torch.roll(noisy, _randint(generator, -10, 11), dims=0)
+    shift = round(10 * len(features) / reference_frames)
+    return torch.roll(noisy, _randint(generator, -shift, shift + 1), dims=0)
 
 
 def random_hop_ms(generator: torch.Generator, choices: Sequence[float] = (10.0, 20.0, 30.0, 40.0)) -> float:

@@ -129,6 +129,14 @@ def batches_per_epoch(config: ModelConfig, split: Split, *, window: int, budget:
     return -(-len(groups) // world)
 
 
+def mean_clip_tokens(config: ModelConfig, split: Split, *, window: int) -> float:
+    """Mean tokens of the split's training clips at the model's hop (a full window where a length is unknown):
+    what one clip adds to a batch on average, so ``batch_size`` clips per step is ``batch_size`` times it."""
+    planner = BatchPlanner(config, split, window=window, budget=1, hop_choices=None, balanced=False, seed=0,
+                           dist=Distributed())
+    return sum(planner.tokens(i, config.hop_ms) for i in split.train) / max(1, len(split.train))
+
+
 # -- clip lengths from the audio headers ---------------------------------------------------------------
 
 

@@ -384,14 +384,18 @@ class Split:
                                    test=keep(self.test))
 
 
-def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def holdout_split(dataset: Dataset, fraction: float, seed: int = 0,
+                  among: list[int] | tuple[int, ...] | None = None) -> tuple[list[int], list[int]]:
     """(train, validation) indices: ``fraction`` of each class (by first label, at least one where a class has
-    two or more examples) held out at random, reproducibly from ``seed``."""
+    two or more examples) of the examples ``among`` (default: all) held out at random, reproducibly from ``seed``.
+    """
+    pool = list(range(len(dataset.examples))) if among is None else list(among)
     if fraction <= 0:
-        return list(range(len(dataset.examples))), []
+        return pool, []
     by_class: dict[int, list[int]] = {}
-    for i, e in enumerate(dataset.examples):
-        by_class.setdefault(e.labels[0] if e.labels else -1, []).append(i)
+    for i in pool:
+        labels = dataset.examples[i].labels
+        by_class.setdefault(labels[0] if labels else -1, []).append(i)
     gen = seeded_generator(seed, "holdout")
     val: list[int] = []
     for label in sorted(by_class):
@@ -402,20 +406,26 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[lis
         order = torch.randperm(len(members), generator=gen).tolist()
         val += [members[k] for k in order[:take]]
     held = set(val)
-    return [i for i in range(len(dataset.examples)) if i not in held], sorted(val)
+    return [i for i in pool if i not in held], sorted(val)
 
 
 def run_splits(dataset: Dataset, folds: list[int] | None, val_fraction: float, seed: int = 0) -> list[Split]:
     """The runs of an experiment on ``dataset``: one per fold in ``folds`` (None: every fold the dataset
-    defines; []: no cross-validation), each fold holding out that fold for validation; otherwise one run on the
-    dataset's own train / validation / test split (its test split validates when it has no validation split),
-    or ``val_fraction`` of each class held out (:func:`holdout_split`)."""
+    defines; []: no cross-validation), each testing on that fold and validating on ``val_fraction`` of each class
+    of the other folds (:func:`holdout_split`), so that no choice is made on the test fold; otherwise one run on
+    the dataset's own train / validation / test split (its test split validates when it has no validation split),
+    or ``val_fraction`` of each class held out for validation."""
     if dataset.folds and folds != []:
         chosen = folds or dataset.folds
         missing = [f for f in chosen if f not in dataset.folds]
         if missing:
             raise ParameterError("folds", f"names fold {missing[0]}, but {dataset.name} has folds {dataset.folds}")
-        return [Split(dataset, *map(tuple, fold_split(dataset, k)), fold=k) for k in chosen]
+        splits = []
+        for k in chosen:
+            rest, test = fold_split(dataset, k)
+            train, val = holdout_split(dataset, val_fraction, seed, among=rest)
+            splits.append(Split(dataset, tuple(train), tuple(val), tuple(test), fold=k))
+        return splits
     if folds:
         raise ParameterError("folds", f"cannot be chosen: {dataset.name} defines no folds")
     parts = dataset.splits or {}

@@ -8,11 +8,12 @@ Output directory (one ``foldK/`` per fold for folded datasets, the same files at
 
     run.json              what was run (dataset, model source, recipe): ``resume`` needs nothing else
     lengths.json          clip lengths from the audio headers (ElasticAST and data-derived windows)
+    statistics.json       normalisation statistics fitted to the training clips (a new model without given ones)
     foldK/state.pt        resumable training state (weights_only torch file), removed when the fold is done
     foldK/epochs/         per-epoch weights inside the weight-averaging range (safetensors)
     foldK/log.jsonl/.csv  one record per epoch; foldK/curves.png when matplotlib is installed
     foldK/model/          the final model (config.json + model.safetensors), loadable by ``ast tag``
-    foldK/result.json     final metrics; marks the fold as done
+    foldK/result.json     final validation and test metrics, the linear probe's; marks the fold as done
     model/                the final model (the first fold's, for folded datasets)
     summary.json          per-fold metrics, mean and standard deviation
 """
@@ -31,10 +32,10 @@ import numpy as np
 import torch.distributed as tdist
 
 from astcli import files
-from astcli.console import warn
+from astcli.console import note, warn
 from astcli.errors import ParameterError, UsageError
-from astcli.train.batches import cached_lengths, save_lengths
-from astcli.train.datasets import load_dataset, run_splits
+from astcli.train.batches import batches_per_epoch, cached_lengths, save_lengths
+from astcli.train.datasets import Split, load_dataset, run_splits
 from astcli.train.distributed import Distributed, setup_distributed
 from astcli.train.logs import json_safe
 from astcli.train.models import (
@@ -48,8 +49,10 @@ from astcli.train.models import (
     with_new_head,
 )
 from astcli.train.optimization import AMP_MODES, amp_dtype
+from astcli.train.probe import PROBE_CLIPS, clip_features, probe_split
 from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
 from astcli.train.signals import stop_on_signals
+from astcli.train.statistics import cached_statistics, sample_indices, save_statistics
 from astcli.train.trainer import FitResult, RunOptions, fit, unreadable_reporter
 
 KINDS = ("finetune", "train")
@@ -120,15 +123,24 @@ class TrainResult:
         return max((r.bad_clips for r in self.runs), default=0)
 
     def mean_std(self, key: str | None = None) -> tuple[float, float]:
-        """Mean and standard deviation (ddof 0) of a final metric over the runs."""
-        values = [r.metrics.get(key or self.metric) for r in self.runs]
+        """Mean and standard deviation (ddof 0) over the runs of a final validation metric, a test metric
+        (``test_<name>``) or the linear probe's metric (``probe``)."""
+        key = key or self.metric
+        if key == "probe":
+            values = [((r.baseline or {}).get("metrics") or {}).get(self.metric) for r in self.runs]
+        elif key.startswith("test_"):
+            values = [r.test_metrics.get(key[5:]) for r in self.runs]
+        else:
+            values = [r.metrics.get(key) for r in self.runs]
         values = [v for v in values if v is not None]
         if not values:
             return math.nan, math.nan
         return float(np.mean(values)), float(np.std(values))
 
     def ast_protocol(self) -> tuple[int, float] | None:
-        """AST's ESC-50 summary: the one epoch with the best metric averaged over folds, and that average."""
+        """AST's ESC-50 summary: the one epoch whose held-out-fold metric, averaged over the folds, is best, and
+        that average. It picks the epoch on the test folds themselves, so it is optimistic; the test metrics of
+        the selected models are the unbiased figures."""
         if len(self.runs) < 2:
             return None
         histories = [r.history for r in self.runs]
@@ -137,7 +149,7 @@ class TrainResult:
             return None
         means = []
         for e in range(epochs):
-            values = [h[e].get(self.metric) for h in histories]
+            values = [h[e].get(f"test_{self.metric}") for h in histories]
             means.append(math.nan if any(v is None for v in values) else float(np.mean(values)))
         best = int(np.nanargmax(means)) if not all(math.isnan(m) for m in means) else epochs - 1
         return best + 1, means[best]
@@ -149,32 +161,57 @@ class TrainResult:
         tests = [k for k in names if any(k in r.test_metrics for r in self.runs)]
         counts = self.eval_clips or [(0, 0)] * len(self.runs)
         sizes = ["clips", *(["test_clips"] if tests else [])]  # how many clips each row's metrics stand on
-        head = ["fold" if self.folded else "run", *keys, *(f"test_{k}" for k in tests), *sizes, "model", "epoch"]
+        probe = any(r.baseline for r in self.runs)
+        head = ["fold" if self.folded else "run", *keys, *(f"test_{k}" for k in tests),
+                *([f"probe_{self.metric}"] if probe else []), *sizes, "model", "epoch"]
         rows = []
         for r, (val, test) in zip(self.runs, counts, strict=True):
             cells = [str(r.fold) if r.fold is not None else "-"]
             cells += [_fmt(r.metrics.get(k)) for k in keys] + [_fmt(r.test_metrics.get(k)) for k in tests]
+            if probe:
+                cells.append(_fmt(((r.baseline or {}).get("metrics") or {}).get(self.metric)))
             rows.append([*cells, str(val), *([str(test)] if tests else []), r.selected, str(r.epoch)])
         if len(self.runs) > 1:
-            stats = [self.mean_std(k) for k in keys]
-            rows.append(["mean", *[f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats], *([""] * len(tests)),
-                         *([""] * len(sizes)), "", ""])
+            columns = [*keys, *(f"test_{k}" for k in tests), *(["probe"] if probe else [])]
+            stats = [self.mean_std(k) for k in columns]
+            rows.append(["mean", *[f"{_fmt(m)} ± {_fmt(s)}" for m, s in stats], *([""] * len(sizes)), "", ""])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [head, *rows]]
         protocol = self.ast_protocol()
+        if probe:
+            on = {(r.baseline or {}).get("on") for r in self.runs} - {None}
+            lines.append(f"probe: logistic regression on pooled log-mel, fitted on the training clips and scored on "
+                         f"the {' / '.join(sorted(on))} clips")
         if protocol is not None and self.folded:
-            lines.append(f"AST protocol (one epoch for every fold, best mean {self.metric}): "
-                         f"epoch {protocol[0]}, {self.metric} {_fmt(protocol[1])}")
+            lines.append(f"AST protocol (one epoch for every fold, chosen by the best mean held-out {self.metric}, so "
+                         f"optimistic): epoch {protocol[0]}, {self.metric} {_fmt(protocol[1])}")
         return "\n".join(lines)
 
     def summary(self) -> dict:
         mean, std = self.mean_std()
+        test_mean, test_std = self.mean_std(f"test_{self.metric}")
+        probe_mean, probe_std = self.mean_std("probe")
         protocol = self.ast_protocol() if self.folded else None
         return json_safe({
-            "metric": self.metric, "mean": mean, "std": std, "runs": [r.to_dict() for r in self.runs],
+            "metric": self.metric, "mean": mean, "std": std, "test_mean": test_mean, "test_std": test_std,
+            "probe_mean": probe_mean, "probe_std": probe_std, "runs": [r.to_dict() for r in self.runs],
             "ast_protocol": {"epoch": protocol[0], "mean": protocol[1]} if protocol else None,
             "model": str(self.model_dir),
         })
+
+
+def below_baseline(result: FitResult, metric: str) -> str | None:
+    """A one-line warning when the model does not beat the linear probe on the clips the probe was scored on
+    (test, else validation), comparing ``metric``; None when it does or there is nothing to compare."""
+    baseline = result.baseline or {}
+    on = baseline.get("on")
+    ours = (result.test_metrics if on == "test" else result.metrics).get(metric)
+    theirs = (baseline.get("metrics") or {}).get(metric)
+    if ours is None or theirs is None or not (math.isfinite(ours) and math.isfinite(theirs)) or ours > theirs:
+        return None
+    fold = f"fold {result.fold}: " if result.fold is not None else ""
+    return (f"{fold}the model's {on} {metric} {ours:.4f} does not beat the linear probe's {theirs:.4f} (logistic "
+            "regression on pooled log-mel): train longer or with another recipe, or start from a pretrained model")
 
 
 def _fmt(value) -> str:
@@ -192,7 +229,8 @@ class _Experiment:
         if dist.main:
             dist.barrier()
         pretrained = "audioset" if spec.kind == "finetune" else spec.init
-        recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label).replace(**spec.overrides)
+        recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label,
+                            size=spec.size).replace(**spec.overrides)
         model = pretrained_model(spec.model) if spec.kind == "finetune" else None
         config = model.config if model is not None else architecture(
             spec.arch, spec.size, ds.classes, recipe.window, spec.model_options)
@@ -201,13 +239,63 @@ class _Experiment:
         if config.family == "elastic" or recipe.window is None:
             self.lengths, self.scan_bad = cached_lengths(out_dir / "lengths.json", ds, config.sample_rate)
         self.splits = [dataclasses.replace(s, lengths=self.lengths).without(self.scan_bad) for s in splits]
+        fitted = self._statistics(recipe, config)
         self.recipe = resolve_recipe(recipe, command=spec.kind, config=config, split=self.splits[0],
-                                     world=dist.world)
+                                     world=dist.world, statistics=fitted and (fitted.mean, fitted.std))
         if model is None:
             config = architecture(spec.arch, spec.size, ds.classes, self.recipe.window, spec.model_options)
             model = new_model(config, init=spec.init, seed=spec.seed)
         self.base = fit_to_recipe(model, self.recipe)
         self.report = unreadable_reporter(quiet=bool(self.scan_bad))  # one warning for the whole run
+        self.probe_rows: dict = {}  # example index -> pooled log-mel features, shared by the folds' probes
+
+    def _statistics(self, recipe: Recipe, config):
+        """Normalisation statistics fitted to the first run's training clips (cached in ``statistics.json``)
+        for a new model whose recipe and options name none; else None. Sets ``self.statistics`` to what was
+        chosen and why (recorded in ``run.json``)."""
+        spec = self.spec
+        self.stats_record = None
+        if "mean" in spec.overrides or "mean" in spec.model_options:
+            self.statistics = {"source": "given"}
+        elif recipe.mean is not None:
+            self.statistics = {"source": f"the {recipe.name} recipe (published for the dataset)"}
+        elif spec.kind != "train":
+            self.statistics = {"source": "the pretrained model"}
+        else:
+            paths = [e.path for e in self.dataset.examples]
+            fitted, self.stats_record = cached_statistics(
+                self.out / "statistics.json", paths, self.splits[0].train, sample_rate=config.sample_rate,
+                num_mel_bins=config.num_mel_bins, hop_ms=config.hop_ms, seed=spec.seed)
+            self.statistics = {"source": "training clips", "clips": fitted.clips, "frames": fitted.frames}
+            return fitted
+        return None
+
+    def plan(self) -> str:
+        """One line on what the run will do: data, clips and optimizer steps per epoch, schedule, statistics."""
+        r, split, c = self.recipe, self.splits[0], self.base.config
+        batches = batches_per_epoch(c, split, window=r.window, budget=r.batch_tokens, world=self.dist.world)
+        steps = -(-batches // r.grad_accum)
+        per_fold = " per fold" if split.fold is not None else ""
+        return (f"{r.name} recipe: {len(split.train)} training, {len(split.validation)} validation, "
+                f"{len(split.test)} test clips{per_fold}; ~{len(split.train) / max(1, steps):.0f} clips per step "
+                f"({r.batch_tokens} tokens), {steps} steps per epoch, {r.epochs} epochs; {r.optimizer} lr {r.lr:g}, "
+                f"warm-up {r.warmup_steps} steps, x{r.lr_decay:g} per epoch after epoch {r.lr_decay_start}; "
+                f"statistics mean {r.mean:.4f} std {r.std:.4f} from {self.statistics['source']}")
+
+    def baseline(self, split: Split) -> dict:
+        """The linear probe fitted on (up to ``PROBE_CLIPS`` of) the split's training clips and scored on its test
+        clips (its validation clips when it has no test part), as stored in ``result.json``."""
+        on = "test" if split.test else "validation"
+        train = sample_indices(list(split.train), PROBE_CLIPS, self.spec.seed)
+        scored = sample_indices(list(split.test or split.validation), PROBE_CLIPS, self.spec.seed)
+        needed = sorted({*train, *scored} - set(self.probe_rows))
+        c = self.base.config
+        rows, bad = clip_features([self.dataset.examples[i].path for i in needed], sample_rate=c.sample_rate,
+                                  num_mel_bins=c.num_mel_bins, hop_ms=c.hop_ms)
+        self.probe_rows.update({i: rows[k] for k, i in enumerate(needed) if k not in bad})
+        usable = [i for i in train if i in self.probe_rows], [i for i in scored if i in self.probe_rows]
+        result = probe_split(self.dataset, self.probe_rows, *usable)
+        return {"kind": "linear probe: logistic regression on pooled log-mel", "on": on, **result.to_dict()}
 
     def save(self) -> None:
         """Write ``run.json`` (the spec and what it resolved to) and ``lengths.json`` (rank 0 only), and warn
@@ -216,9 +304,12 @@ class _Experiment:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         ds = self.dataset
-        payload = {**self.spec.to_dict(), "resolved_recipe": self.recipe.to_dict(), "dataset_name": ds.name,
-                   "classes": ds.classes}
+        statistics = {"mean": self.recipe.mean, "std": self.recipe.std, **self.statistics}
+        payload = {**self.spec.to_dict(), "resolved_recipe": self.recipe.to_dict(), "statistics": statistics,
+                   "dataset_name": ds.name, "classes": ds.classes}
         files.write_text(self.out / "run.json", json.dumps(json_safe(payload), indent=2) + "\n")
+        if self.stats_record is not None:
+            save_statistics(self.out / "statistics.json", self.stats_record)
         if self.lengths is not None:
             save_lengths(self.out / "lengths.json", ds, self.base.config.sample_rate, self.lengths, self.scan_bad)
         if self.scan_bad:
@@ -238,8 +329,13 @@ class _Experiment:
                 runs.append(FitResult.from_dict(out, json.loads(done.read_text(encoding="utf-8"))))
                 continue
             model = with_new_head(self.base, ds.classes, self.spec.seed, split.fold)
-            result = fit(model, split, self.recipe, dataclasses.replace(options, out_dir=out, report=self.report))
+            baseline = self.baseline(split) if self.dist.main else None
+            result = fit(model, split, self.recipe, dataclasses.replace(options, out_dir=out, report=self.report,
+                                                                        baseline=baseline))
             result.bad_clips += len(self.scan_bad)
+            shortfall = below_baseline(result, metric)
+            if shortfall and self.dist.main:
+                warn(shortfall)
             runs.append(result)
             if result.interrupted:
                 stop = options.stop
@@ -275,6 +371,8 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None
         with stop_on_signals() as stop:
             experiment = _Experiment(spec, out, dist)
             experiment.save()
+            if dist.main:
+                note(experiment.plan())
             dist.barrier()
             options = RunOptions(out, seed=spec.seed, amp=spec.amp, device=dev, num_workers=num_workers,
                                  progress=sys.stderr.isatty() if progress is None else progress, stop=stop,

@@ -86,7 +86,7 @@ class ClipMaker:
         if train and (r.freqm or r.timem) and native:
             x = torch.cat([spec_augment(x[:native], r.freqm, r.timem, gen, r.reference_frames), x[native:]])
         if train and r.noise:
-            x = feature_noise(x, gen)
+            x = feature_noise(x, gen, r.reference_frames)
         clip = patchify(x, c)
         if train and r.token_dropout > 0:
             clip = drop_tokens(clip, r.token_dropout, gen)

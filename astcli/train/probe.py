@@ -30,6 +30,7 @@ from astcli.train.metrics import evaluate
 
 L2 = 1e-3  # penalty per example on the standardised features (scikit-learn C = 1 / (n * L2))
 POOLS = 5  # mean, std, three time-thirds
+PROBE_CLIPS = 20_000  # most clips a run fits (and scores) the probe on: a sample of larger sets
 
 
 def pooled_features(features: torch.Tensor) -> torch.Tensor:
@@ -142,17 +143,23 @@ class ProbeResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def probe_split(dataset: Dataset, features: torch.Tensor, train_idx: list[int], eval_idx: list[int], *,
+def probe_split(dataset: Dataset, features, train_idx: list[int], eval_idx: list[int], *,
                 l2: float = L2) -> ProbeResult:
-    """Fit the probe on ``features[train_idx]`` and score it on ``features[eval_idx]`` (features: one row per
-    dataset example, from :func:`clip_features`). Empty ``eval_idx``: empty metrics."""
+    """Fit the probe on the rows ``features[i]`` of the examples ``train_idx`` and score it on ``eval_idx``
+    (``features``: a tensor with one row per dataset example from :func:`clip_features`, or a dict from example
+    index to row). Empty ``eval_idx``: empty metrics."""
     start = time.perf_counter()
-    targets = torch.zeros(len(dataset.examples), len(dataset.classes))
-    for i, example in enumerate(dataset.examples):
-        targets[i, example.labels] = 1.0
-    probe = fit_probe(features[train_idx], targets[train_idx], multi_label=dataset.multi_label, l2=l2)
+
+    def rows(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([features[i] for i in indices]) if indices else torch.zeros(0, 1)
+        targets = torch.zeros(len(indices), len(dataset.classes))
+        for row, i in enumerate(indices):
+            targets[row, dataset.examples[i].labels] = 1.0
+        return x, targets
+
+    probe = fit_probe(*rows(list(train_idx)), multi_label=dataset.multi_label, l2=l2)
     metrics = {}
     if eval_idx:
-        scores = probe.scores(features[eval_idx])
-        metrics = evaluate(scores.numpy(), targets[eval_idx].numpy(), dataset.multi_label)
+        x, targets = rows(list(eval_idx))
+        metrics = evaluate(probe.scores(x).numpy(), targets.numpy(), dataset.multi_label)
     return ProbeResult(metrics, len(train_idx), len(eval_idx), time.perf_counter() - start)

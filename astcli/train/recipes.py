@@ -14,19 +14,28 @@ sc        AST's Speech Commands v2 recipe: lr 2.5e-4, 30 epochs, batch 128, freq
 audioset  AST's full AudioSet recipe: lr 1e-5, 5 epochs, batch 12, balanced sampling, freqm 48 / timem 192
           at 1024 frames, mixup 0.5, BCE, 1000 warm-up steps, lr halved per epoch after epoch 2, weight
           averaging over epochs 1-5.
-custom    lr 1e-5 from a pretrained tagger (1e-4 otherwise), 10 epochs, batch 32, freqm 24 / timem 48 at
-          512 frames, CE or BCE by the dataset, warm-up over ~5% of the steps, lr x0.85 after epoch 5.
+custom    lr 1e-5 from a pretrained tagger (1e-4 from ImageNet weights), 10 epochs, batch 32, freqm 24 / timem 48
+          at 512 frames, CE or BCE by the dataset, warm-up over ~5% of the steps, lr x0.85 after epoch 5.
+scratch   a new model without pretrained weights on a dataset without a published recipe: AdamW (betas 0.9,
+          0.999, weight decay 0.05), lr by model size (tiny 1e-3, small 5e-4, base 2.5e-4), 15 epochs of 32 clips
+          per step, warm-up over ~5% of the steps, lr x0.8 per epoch after epoch 3, freqm 24 / timem 48 at 512
+          frames, statistics fitted to the training clips. Chosen by measurement: docs/training.md.
 ========  ==============================================================================================
+
+``batch_size`` counts clips: the token budget of a batch is ``batch_size`` times the mean tokens of the training
+clips (ElasticAST packs short clips by their native length), so a step sees about ``batch_size`` clips whatever
+the clips' lengths.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from astcli.errors import ParameterError
 from astcli.model.config import ModelConfig
-from astcli.train.batches import batches_per_epoch, data_window, window_tokens
+from astcli.train.batches import batches_per_epoch, data_window, mean_clip_tokens
 from astcli.train.datasets import Split
 
 LOSSES = ("ce", "bce")
@@ -39,6 +48,7 @@ DERIVED = ("loss", "balanced", "token_dropout", "window", "mean", "std", "batch_
 # defaults of pretrained models live in astcli.model.config.DEFAULT_STATS.
 ESC50_STATS = (-6.6268077, 5.358466)
 SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
+SCRATCH_LR = {"tiny": 1e-3, "small": 5e-4, "base": 2.5e-4}  # peak lr of a new model by size (AdamW, 32 clips)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ class Recipe:
     select: str | None = None  # final model: "last" | "best" | "wa"; None = wa if set, else best (last w/o val)
     grad_accum: int = 1
     clip_grad: float | None = None  # max gradient norm
-    val_fraction: float = 0.1  # held-out share when the dataset defines no folds or validation split
+    val_fraction: float = 0.1  # validation share of the training data (folds: of the training folds) when the
+    # dataset defines no validation split
 
     def replace(self, **overrides) -> Recipe:
         """A copy with ``overrides`` applied (``None`` values are ignored); checked with ``validate``."""
@@ -152,11 +163,13 @@ class Recipe:
         return cls().replace(**data) if data else cls()
 
 
-def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool = False) -> Recipe:
+def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool = False,
+               size: str = "base") -> Recipe:
     """The published defaults for ``dataset`` ("esc50", "speechcommands", "audioset" or anything else).
 
     ``pretrained`` says where the starting weights come from: "audioset" (any pretrained tagger),
-    "imagenet" or "none"; it only changes the learning rate where the papers did.
+    "imagenet" or "none"; it changes the learning rate where the papers did, and "none" on a dataset without a
+    published recipe gives the from-scratch recipe, whose learning rate follows the model ``size``.
     """
     if pretrained not in PRETRAINED:
         raise ParameterError("pretrained", f"must be one of {', '.join(PRETRAINED)} (got {pretrained!r})")
@@ -182,9 +195,18 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
             reference_frames=1024, mixup=0.5, loss="bce", warmup_steps=1000, lr_decay=0.5,
             lr_decay_start=2, balanced=True, wa_start=1, wa_end=5, select="wa",
         )
+    loss = "bce" if multi_label else "ce"
+    if pretrained == "none":
+        if size not in SCRATCH_LR:
+            raise ParameterError("size", f"must be one of {', '.join(SCRATCH_LR)} (got {size!r})")
+        return Recipe(
+            name="scratch", lr=SCRATCH_LR[size], epochs=15, batch_size=32, window=None, freqm=24, timem=48,
+            reference_frames=512, mixup=0.0, loss=loss, optimizer="adamw", betas=(0.9, 0.999), weight_decay=0.05,
+            warmup_steps=None, lr_decay=0.8, lr_decay_start=3,
+        )
     return Recipe(
         name="custom", lr=1e-5 if from_tagger else 1e-4, epochs=10, batch_size=32, window=None, freqm=24,
-        timem=48, reference_frames=512, mixup=0.0, loss="bce" if multi_label else "ce", warmup_steps=None,
+        timem=48, reference_frames=512, mixup=0.0, loss=loss, warmup_steps=None,
     )
 
 
@@ -203,18 +225,20 @@ def window_config(config: ModelConfig, window: int) -> ModelConfig:
     return dataclasses.replace(config, max_frames=int(window))
 
 
-def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: Split, world: int = 1) -> Recipe:
+def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: Split, world: int = 1,
+                   statistics: tuple[float, float] | None = None) -> Recipe:
     """``recipe`` with every ``None`` ("derive it") field decided, for ``command`` ("finetune" or "train")
     training a model configured as ``config`` on the first run's ``split`` (its dataset decides the loss and
-    sampling, its clip lengths the window and the warm-up) on ``world`` processes:
+    sampling, its clip lengths the window, the token budget and the warm-up) on ``world`` processes;
+    ``statistics`` are (mean, std) fitted to the training clips, for a new model:
 
     ==============  ============================================================================================
     loss            "bce" for multi-label data, else "ce"
     balanced        on for multi-label data
     token_dropout   0.1 for a new ElasticAST (``train``), else 0; always 0 for AST
     window          the longest clip (frames at the model's hop), 16 to 1024; 1024 without clip lengths
-    mean, std       the model's own statistics (``config.mean`` / ``config.std``)
-    batch_tokens    ``batch_size`` clips of the full window
+    mean, std       ``statistics`` when given, else the model's own (``config.mean`` / ``config.std``)
+    batch_tokens    ``batch_size`` clips of the mean training-clip length (a full window where lengths are unknown)
     warmup_steps    min(1000, round(5 % of all optimizer steps)), steps counted at the model's hop
     select          "wa" with weight averaging, else "best" with a validation split, else "last"
     ==============  ============================================================================================
@@ -238,9 +262,10 @@ def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: 
         balanced=multi_label if recipe.balanced is None else recipe.balanced,
         token_dropout=dropout if elastic else 0.0,
         window=window,
-        mean=config.mean if recipe.mean is None else recipe.mean,
-        std=config.std if recipe.std is None else recipe.std,
-        batch_tokens=recipe.batch_tokens or recipe.batch_size * window_tokens(fitted, window),
+        mean=(statistics or (config.mean, config.std))[0] if recipe.mean is None else recipe.mean,
+        std=(statistics or (config.mean, config.std))[1] if recipe.std is None else recipe.std,
+        batch_tokens=recipe.batch_tokens or math.ceil(recipe.batch_size * mean_clip_tokens(fitted, split,
+                                                                                             window=window)),
         select=recipe.select or ("wa" if recipe.wa_start is not None else ("best" if split.validation else "last")),
     )
     if resolved.warmup_steps is None:

@@ -9,12 +9,16 @@ keeps the statistics it was trained with.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from astcli import files
 from astcli.audio import load_audio
 from astcli.errors import AudioError, DatasetError, ParameterError
 from astcli.features import fbank
@@ -79,3 +83,27 @@ def dataset_statistics(paths: list[str], train_idx: list[int], *, sample_rate: i
     chosen = sample_indices(list(train_idx), sample, seed)
     return fbank_statistics([paths[i] for i in chosen], sample_rate=sample_rate, num_mel_bins=num_mel_bins,
                             hop_ms=hop_ms)
+
+
+def cached_statistics(cache: Path, paths: list[str], train_idx, *, sample_rate: int, num_mel_bins: int,
+                      hop_ms: float, seed: int = 0) -> tuple[Statistics, dict]:
+    """:func:`dataset_statistics` of ``train_idx``, read back from the JSON file ``cache`` when it was computed
+    for the same clips and front end (so a resumed run normalises exactly as it started), computed otherwise;
+    with the record that :func:`save_statistics` writes to ``cache``."""
+    chosen = sample_indices(list(train_idx), SAMPLE_CLIPS, seed)
+    front = {"sample_rate": sample_rate, "num_mel_bins": num_mel_bins, "hop_ms": hop_ms}
+    key = hashlib.sha256(json.dumps([[paths[i] for i in chosen], front]).encode()).hexdigest()
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data["key"] == key:
+            stats = Statistics(float(data["mean"]), float(data["std"]), int(data["clips"]), int(data["frames"]))
+            return stats, data
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    stats = fbank_statistics([paths[i] for i in chosen], **front)
+    return stats, {"key": key, **stats.to_dict()}
+
+
+def save_statistics(cache: Path, record: dict) -> None:
+    """Write a record of :func:`cached_statistics` to ``cache`` (atomically)."""
+    files.write_text(cache, json.dumps(record) + "\n")

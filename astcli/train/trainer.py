@@ -75,13 +75,15 @@ class RunOptions:
     on_epoch_end: Callable[[dict], None] | None = None
     on_step: Callable[[int, int], None] | None = None
     report: Callable[[str], None] | None = None
+    baseline: dict | None = None  # the linear probe's result on this split, stored with the fit's result
 
 
 @dataclass
 class FitResult:
     """One trained model (one fold). ``metrics``: validation metrics of the final model; ``history``: one
     record per epoch; ``selected``: how the final model was chosen (last / best / wa) and ``epoch`` the
-    epoch it stands for (the last averaged epoch for wa)."""
+    epoch it stands for (the last averaged epoch for wa); ``baseline``: the linear probe's result on the same
+    split (:class:`~astcli.train.probe.ProbeResult` as a dict), when one was fitted."""
 
     out_dir: Path
     history: list[dict]
@@ -93,6 +95,7 @@ class FitResult:
     fold: int | None = None
     model: AudioTransformer | None = None
     interrupted: bool = False
+    baseline: dict | None = None
 
     @property
     def model_dir(self) -> Path:
@@ -100,12 +103,13 @@ class FitResult:
 
     def to_dict(self) -> dict:
         return json_safe({"fold": self.fold, "selected": self.selected, "epoch": self.epoch, "metrics": self.metrics,
-                          "test_metrics": self.test_metrics, "bad_clips": self.bad_clips, "history": self.history})
+                          "test_metrics": self.test_metrics, "baseline": self.baseline, "bad_clips": self.bad_clips,
+                          "history": self.history})
 
     @classmethod
     def from_dict(cls, out_dir: Path, data: dict) -> FitResult:
         return cls(out_dir, data["history"], data["metrics"], data.get("test_metrics") or {}, data["selected"],
-                   data["epoch"], data.get("bad_clips", 0), data.get("fold"))
+                   data["epoch"], data.get("bad_clips", 0), data.get("fold"), baseline=data.get("baseline"))
 
 
 class Trainer:
@@ -270,10 +274,13 @@ class Trainer:
         s, r = self.state, self.recipe
         p = s.partial
         metrics, val_loss = self.evaluate(self.split.validation)
+        held_out = {}
+        if self.split.fold is not None:  # the held-out fold every epoch: for AST's cross-validation summary only
+            held_out = {f"test_{k}": v for k, v in self.evaluate(self.split.test)[0].items()}
         seconds = max(p["seconds"], 1e-9)
         record = {
             "fold": self.split.fold, "epoch": epoch, "lr": p.get("lr", r.lr),
-            "train_loss": p["loss_sum"] / max(1, p["clips"]), "val_loss": val_loss, **metrics,
+            "train_loss": p["loss_sum"] / max(1, p["clips"]), "val_loss": val_loss, **metrics, **held_out,
             "steps": s.step, "bad": len(s.bad), "seconds": round(p["seconds"], 3),
             "clips_per_s": p["clips"] / seconds, "tokens_per_s": p["tokens"] / seconds,
         }
@@ -319,14 +326,15 @@ class Trainer:
             metrics, epoch = self._final_weights(select)
             test, _ = self.evaluate(self.split.test, shard=False)
             save_checkpoint(self.out / "model", self.config, self.model.state_dict())
-            result = FitResult(self.out, s.history, metrics, test, select, epoch, len(s.bad), self.split.fold)
+            result = FitResult(self.out, s.history, metrics, test, select, epoch, len(s.bad), self.split.fold,
+                               baseline=self.run.baseline)
             files.write_text(self.out / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
             for leftover in (self.state_path, self.out / "best.safetensors"):
                 leftover.unlink(missing_ok=True)
         self.dist.barrier()
         self.model.eval()
         return FitResult(self.out, s.history, metrics, test, select, epoch, len(s.bad), self.split.fold,
-                         model=self.model)
+                         model=self.model, baseline=self.run.baseline)
 
     def fit(self) -> FitResult:
         """Train every remaining epoch (after the saved state when resuming), then :meth:`finish`."""
