@@ -4,7 +4,9 @@
     python benchmarks/esc_like.py DIR --per-fold 2
 
 Written in the ESC-50 layout (``DIR/meta/esc50.csv``, ``DIR/audio/<fold>-<id>-A-<class>.wav``), so
-``ast train --dataset DIR`` reads it as ESC-50 (its recipe, 5-fold cross-validation, ``--folds 1`` for one).
+``ast train --dataset DIR`` reads it as ESC-50 (its published recipe, 5-fold cross-validation), and as a manifest
+``DIR/esc_like.csv`` (``path,labels,fold``) that ``ast train --dataset DIR/esc_like.csv`` reads as a dataset of its
+own (the recipe for new data, the same folds).
 Each clip holds one to four events of its class at random times, with random pitch, length and level, over
 background noise (white or brown) at 0-20 dB SNR; 16 kHz. The classes differ in spectral shape and in how
 their energy moves over time, so a pooled-statistics baseline cannot solve every pair from averages alone.
@@ -89,16 +91,22 @@ def build(root: str | Path, per_fold: int = 8, folds: int = 5, seed: int = 0) ->
     (root / "audio").mkdir(parents=True, exist_ok=True)
     (root / "meta").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
+    rows = []
+    for fold in range(1, folds + 1):
+        for target, kind in enumerate(CLASSES):
+            for k in range(per_fold):
+                source = f"{fold}{target:02d}{k:02d}"
+                name = f"{fold}-{source}-A-{target}.wav"
+                sf.write(root / "audio" / name, clip(kind, rng), SR, subtype="PCM_16")
+                rows.append((name, fold, target, kind, source))
     with open(root / "meta" / "esc50.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
-        for fold in range(1, folds + 1):
-            for target, kind in enumerate(CLASSES):
-                for k in range(per_fold):
-                    source = f"{fold}{target:02d}{k:02d}"
-                    name = f"{fold}-{source}-A-{target}.wav"
-                    sf.write(root / "audio" / name, clip(kind, rng), SR, subtype="PCM_16")
-                    writer.writerow([name, fold, target, kind, "False", source, "A"])
+        writer.writerows([name, fold, target, kind, "False", source, "A"] for name, fold, target, kind, source in rows)
+    with open(root / "esc_like.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "fold"])
+        writer.writerows([f"audio/{name}", kind, fold] for name, fold, _, kind, _ in rows)
     return root
 
 

@@ -122,7 +122,11 @@ def test_run_splits_follow_folds_fixed_splits_or_a_stratified_holdout(tmp_path):
     esc = load_esc50(_make_esc50(tmp_path / "ESC-50"))
     folds = run_splits(esc, None, 0.1)
     assert [s.fold for s in folds] == [1, 2, 3, 4, 5]
-    assert all(len(s.train) == 12 and len(s.validation) == 3 and not s.test for s in folds)
+    for s in folds:  # the fold is the test; validation: one clip per class of the other folds
+        assert {esc.examples[i].fold for i in s.test} == {s.fold} and len(s.test) == 3
+        assert len(s.train) == 9 and sorted(esc.examples[i].labels[0] for i in s.validation) == [0, 1, 2]
+        assert s.fold not in {esc.examples[i].fold for i in s.train + s.validation}
+        assert sorted(s.train + s.validation + s.test) == list(range(15))
     assert [s.fold for s in run_splits(esc, [2, 4], 0.1)] == [2, 4]
     (flat,) = run_splits(esc, [], 1 / 3)  # no cross-validation: a third of each class held out
     assert flat.fold is None and len(flat.validation) == 6 and sorted(flat.train + flat.validation) == list(range(15))

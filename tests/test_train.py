@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -25,12 +26,15 @@ from typer.testing import CliRunner
 from astcli.cli import app, flag_for
 from astcli.errors import ModelError, ParameterError, UsageError
 from astcli.model import AudioTransformer, ast_config, elastic_config
+from astcli.tagger import load_model
 from astcli.train import experiment
 from astcli.train.batches import scan_lengths
 from astcli.train.datasets import load_dataset, run_splits
 from astcli.train.logs import TIMING_KEYS
 from astcli.train.optimization import learning_rate
+from astcli.train.probe import clip_features, probe_split
 from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
+from astcli.train.statistics import fbank_statistics
 from astcli.train.trainer import RunOptions, fit
 
 SR = 16000
@@ -117,8 +121,8 @@ def test_recipes_carry_the_paper_defaults_and_take_overrides():
     assert recipe_for("my-sounds").lr == 1e-5
     scratch = recipe_for("my-sounds", pretrained="none", size="tiny")
     assert (scratch.name, scratch.optimizer, scratch.lr, scratch.weight_decay, scratch.loss) == (
-        "scratch", "adamw", 1e-3, 0.05, "ce")
-    assert [recipe_for("x", pretrained="none", size=s).lr for s in ("small", "base")] == [5e-4, 2.5e-4]
+        "scratch", "adamw", 1e-4, 0.05, "ce")
+    assert [recipe_for("x", pretrained="none", size=s).lr for s in ("small", "base")] == [5e-5, 2.5e-5]
     assert recipe_for("esc50", pretrained="none").name == "esc50"  # a published recipe stays
     changed = esc.replace(lr=3e-4, epochs=3, mixup=None)
     assert (changed.lr, changed.epochs, changed.mixup) == (3e-4, 3, 0.0)
@@ -167,7 +171,11 @@ def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder)
                           split=split).warmup_steps == 2  # ceil(8 / 3) x 10 = 30 steps; round(1.5)
     assert resolve_recipe(open_recipe, command="train", config=config, split=split, world=2).warmup_steps == 2
     elastic = elastic_config("tiny", **TINY, num_classes=4)
-    assert resolve_recipe(open_recipe, command="train", config=elastic, split=split).token_dropout == 0.1
+    fitted = resolve_recipe(open_recipe, command="train", config=elastic, split=split, statistics=(-3.0, 4.0))
+    clip_frames = [1 + (samples[i] - 400) // 160 for i in split.train]
+    mean_tokens = sum(8 * (f // 16) for f in clip_frames) / len(clip_frames)  # 8 x 16-frame patches per column
+    assert fitted.batch_tokens == math.ceil(2 * mean_tokens)  # 2 clips of the mean length, not of the longest
+    assert (fitted.mean, fitted.std) == (-3.0, 4.0) and fitted.token_dropout == 0.1
     assert resolve_recipe(open_recipe, command="finetune", config=elastic, split=split).token_dropout == 0.0
     given = Recipe(window=64, loss="bce", balanced=True, token_dropout=0.3, mean=-1.0, std=2.0, batch_tokens=999,
                    warmup_steps=7, select="last")
@@ -188,8 +196,6 @@ def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder)
 
 
 def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
-    from astcli.tagger import load_model
-
     data = make_folder(tmp_path / "sounds", per_class=16, seed=1)
     result = experiment.train(str(data), tmp_path / "out", arch="elastic", size="tiny", init="none",
                               model_options={**TINY, "max_frames": 128}, epochs=8, lr=2e-3, batch_size=4,
@@ -208,6 +214,53 @@ def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
     truth = torch.tensor([tagger.labels.index(Path(p).parent.name) for p in sorted(data.glob("*/*.wav"))])
     accuracy = (tagger.predict(waves).argmax(-1) == truth).float().mean().item()
     assert accuracy >= 0.85  # training + validation clips
+
+
+def test_a_new_model_normalises_with_its_training_clips_statistics_and_reports_the_probe(tmp_path, capsys):
+    data = make_folder(tmp_path / "sounds", per_class=5, seed=2, kinds=KINDS[:2])
+    out = tmp_path / "out"
+    result = experiment.train(str(data), out, arch="elastic", size="tiny", init="none", model_options=TINY,
+                              epochs=1, lr=1e-6, batch_size=4, val_fraction=0.4, num_workers=0)
+    ds, (split,) = load_dataset(data), run_splits(load_dataset(data), None, 0.4)
+    stats = fbank_statistics([ds.examples[i].path for i in split.train])  # fewer than 500: every training clip
+    run = json.loads((out / "run.json").read_text())
+    assert run["statistics"] == {"mean": stats.mean, "std": stats.std, "source": "training clips", "clips": 6,
+                                 "frames": stats.frames}
+    model = load_model(out / "model", device="cpu")
+    assert (model.config.mean, model.config.std) == (stats.mean, stats.std)
+    features, _ = clip_features([e.path for e in ds.examples])
+    probe = probe_split(ds, features, list(split.train), list(split.validation))
+    saved = json.loads((out / "result.json").read_text())["baseline"]
+    assert saved["on"] == "validation" and saved["metrics"] == probe.metrics == {"top1": 1.0}
+    assert result.runs[0].metrics["top1"] <= 1.0 and "probe_top1" in result.table().splitlines()[0]
+    err = capsys.readouterr().err  # lr 1e-6 for one step: the model cannot beat a perfect probe
+    assert "does not beat the linear probe's 1.0000" in err and "from training clips" in err
+    given = experiment.train(str(data), tmp_path / "given", arch="elastic", size="tiny", init="none",
+                             model_options=TINY, epochs=1, batch_size=4, mean=-5.0, std=3.0, num_workers=0)
+    assert json.loads((tmp_path / "given" / "run.json").read_text())["statistics"]["source"] == "given"
+    assert (given.runs[0].model.config.mean, given.runs[0].model.config.std) == (-5.0, 3.0)
+    assert not (tmp_path / "given" / "statistics.json").exists()
+
+
+def test_a_trained_model_fine_tunes_to_new_classes_better_than_training_from_scratch(tmp_path):
+    pre = experiment.train(str(make_folder(tmp_path / "a", per_class=16, seed=1)), tmp_path / "pre", arch="elastic",
+                           size="tiny", init="none", model_options=TINY, epochs=8, lr=2e-3, batch_size=4,
+                           lr_decay_start=100, val_fraction=0.25, num_workers=0)
+    assert pre.runs[0].metrics["top1"] >= 0.75
+    pretrained = load_model(tmp_path / "pre" / "model", device="cpu").config
+    few = make_folder(tmp_path / "b", per_class=12, seed=9, kinds=("clicks", "tone"))
+    for kind, name in (("clicks", "ticking"), ("tone", "beeping")):  # new classes: 3 training clips each
+        (few / kind).rename(few / name)
+    recipe = dict(epochs=1, lr=3e-3, batch_size=2, val_fraction=0.75, select="last", num_workers=0)
+    tuned = experiment.finetune(str(few), tmp_path / "tuned", model=str(tmp_path / "pre" / "model"), **recipe)
+    scratch = experiment.train(str(few), tmp_path / "scratch", arch="elastic", size="tiny", init="none",
+                               model_options=TINY, **recipe)
+    model = load_model(tmp_path / "tuned" / "model", device="cpu")
+    assert model.labels == ["beeping", "ticking"] and model.config.num_classes == 2
+    assert (model.config.mean, model.config.std) == (pretrained.mean, pretrained.std)  # its statistics kept
+    run = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert run["statistics"]["source"] == "the pretrained model"
+    assert tuned.runs[0].metrics["top1"] >= scratch.runs[0].metrics["top1"] + 0.2  # 18 validation clips, 5 steps
 
 
 def test_weight_averaging_is_the_mean_of_the_saved_epoch_weights(small_folder, tmp_path):
@@ -347,8 +400,6 @@ def test_sigterm_saves_a_resumable_mid_epoch_checkpoint(small_folder, straight_r
 
 
 def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
-    from astcli.tagger import load_model
-
     runner = CliRunner()
     tiny = [arg for key, value in TINY.items() for arg in ("--model-option", f"{key}={value}")]
     trained = runner.invoke(app, ["train", "--dataset", str(small_folder), "--arch", "ast", "--size", "tiny",
