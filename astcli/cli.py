@@ -277,7 +277,8 @@ _RECIPE_OPTIONS = (
     # (recipe field, type, option flag(s), help)
     ("epochs", int, "--epochs", "Training epochs."),
     ("lr", float, "--lr", "Peak learning rate."),
-    ("batch_size", int, "--batch-size", "Clips per step at full window length (sets the token budget)."),
+    ("batch_size", int, "--batch-size", "Clips per optimizer step (the token budget is this many clips of the "
+     "training clips' mean length)."),
     ("batch_tokens", int, "--batch-tokens", "Token budget per batch (instead of --batch-size)."),
     ("window", int, "--window-frames", "Frames per clip (10 ms): the AST window, the ElasticAST length cap."),
     ("freqm", int, "--freqm", "SpecAugment frequency mask width (mel bins)."),

@@ -59,8 +59,8 @@ class Recipe:
     name: str = "custom"
     lr: float = 1e-4
     epochs: int = 10
-    batch_size: int = 32  # clips per optimizer step at full window length (sets the token budget)
-    batch_tokens: int | None = None  # token budget per batch; None = batch_size x tokens of a full window
+    batch_size: int = 32  # clips per optimizer step (sets the token budget)
+    batch_tokens: int | None = None  # token budget per batch; None = batch_size x mean tokens of the training clips
     window: int | None = None  # frames per clip (AST: padded window; ElasticAST: cap); None = from the data
     freqm: int = 24  # SpecAugment frequency mask, bins
     timem: int = 48  # SpecAugment time mask, frames, at `reference_frames` (scaled to each clip's length)
