@@ -1,0 +1,289 @@
+"""Sound events (class, onset, offset, score) from the scores of overlapping windows, streamed.
+
+How events are made, in three streaming stages (each keeps only a window's worth of state, so memory does
+not grow with the length of the audio):
+
+1. ``ActivityGrid`` puts window scores on a fixed time grid of ``step`` frames (the window hop): the activity
+   of a cell ``[k*step, (k+1)*step)`` is the mean of the scores of every window that covers the cell's centre.
+   Windows arrive in start order; a cell is final once no later window can cover it.
+2. ``EventDetector`` applies, per class, hysteresis to the activity: an event opens at the first cell whose
+   activity reaches the onset threshold and closes at the first cell whose activity falls below the offset
+   threshold (``offset <= onset``; equal thresholds are a plain threshold). Two events of a class separated by
+   at most ``max_gap`` seconds are merged into one; then events shorter than ``min_duration`` are dropped.
+   An event's score is its peak: the highest cell activity inside it.
+3. Events come out as soon as they can no longer change (closed, and further than ``max_gap`` behind the
+   newest cell), so an event that spans a block boundary is one event, found once.
+
+Hysteresis, minimum duration and gap merging are the usual post-processing of frame-wise sound event
+detection (e.g. the DCASE challenge baselines; Mesaros et al., "Sound Event Detection: A tutorial",
+IEEE Signal Processing Magazine 2021).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from astcli.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class Event:
+    """One detected event: class ``index``, ``start`` / ``end`` in seconds, ``score`` = peak activity."""
+
+    index: int
+    start: float
+    end: float
+    score: float
+
+
+@dataclass(frozen=True)
+class EventOptions:
+    """Per-class decision rules (seconds and probabilities).
+
+    ``onset_threshold`` / ``offset_threshold`` (default: half the onset threshold) apply to every class;
+    ``class_thresholds`` maps a class index to its own ``(onset, offset)``. ``min_duration`` and ``max_gap``
+    are seconds. Values that cannot work raise ``ParameterError`` naming the field.
+    """
+
+    onset_threshold: float = 0.5
+    offset_threshold: float | None = None  # None: onset_threshold / 2
+    min_duration: float = 0.0
+    max_gap: float = 0.0
+    class_thresholds: dict[int, tuple[float, float]] | None = None
+
+    def __post_init__(self) -> None:
+        on, off = self.onset_threshold, self.offset
+        if not 0.0 < on <= 1.0:
+            raise ParameterError("onset_threshold", f"must lie in (0, 1] (got {on:g})")
+        if not 0.0 <= off <= on:
+            raise ParameterError("offset_threshold", f"must lie in [0, onset_threshold] (got {off:g})")
+        for name, value in (("min_duration", self.min_duration), ("max_gap", self.max_gap)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ParameterError(name, f"must be a number of seconds >= 0 (got {value:g})")
+
+    @property
+    def offset(self) -> float:
+        """The offset threshold in force for classes without their own."""
+        return self.onset_threshold / 2 if self.offset_threshold is None else self.offset_threshold
+
+    def thresholds(self, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Onset and offset thresholds per class, two float arrays ``[num_classes]``."""
+        on = np.full(num_classes, self.onset_threshold)
+        off = np.full(num_classes, self.offset)
+        for index, (a, b) in (self.class_thresholds or {}).items():
+            if not 0 <= index < num_classes:
+                raise ParameterError("class_thresholds", f"names class {index}, but the model has {num_classes}")
+            on[index], off[index] = a, b
+        return on, off
+
+
+def read_class_thresholds(path: str | Path, labels: Sequence[str]) -> dict[int, tuple[float, float]]:
+    """Per-class ``(onset, offset)`` thresholds from a file, keyed by class index.
+
+    A ``.json`` file maps a label (or class index) to an onset threshold or to ``[onset, offset]``; any
+    other file is CSV with a header ``label,onset[,offset]``. A missing offset is half the onset, as for
+    ``EventOptions``. Unknown labels, unreadable files and thresholds outside
+    ``0 <= offset <= onset <= 1`` raise ``ParameterError("class_thresholds", ...)``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParameterError("class_thresholds", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") \
+            from exc
+    try:
+        rows = _json_rows(text) if path.suffix.lower() == ".json" else _csv_rows(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ParameterError("class_thresholds", f"{path}: {exc}") from exc
+    index_of = {name: i for i, name in enumerate(labels)}
+    out = {}
+    for label, on, off in rows:
+        index = index_of.get(label)
+        if index is None and label.isdigit() and int(label) < len(labels):
+            index = int(label)
+        if index is None:
+            raise ParameterError("class_thresholds", f"{path}: unknown class {label!r}")
+        off = on / 2 if off is None else off
+        if not 0.0 <= off <= on <= 1.0:
+            raise ParameterError("class_thresholds", f"{path}: {label!r} needs 0 <= offset <= onset <= 1 "
+                                 f"(got {on:g}, {off:g})")
+        out[index] = (on, off)
+    return out
+
+
+def _json_rows(text: str) -> list[tuple[str, float, float | None]]:
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object {label: onset or [onset, offset]}")
+    rows = []
+    for label, value in doc.items():
+        pair = value if isinstance(value, list) else [value]
+        if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) for v in pair):
+            raise ValueError(f"{label!r}: expected a number or [onset, offset]")
+        rows.append((str(label), float(pair[0]), float(pair[1]) if len(pair) == 2 else None))
+    return rows
+
+
+def _csv_rows(text: str) -> list[tuple[str, float, float | None]]:
+    reader = csv.DictReader(text.splitlines())
+    if "label" not in (reader.fieldnames or []) or "onset" not in (reader.fieldnames or []):
+        raise ValueError("expected a CSV header label,onset[,offset]")
+    return [(row["label"].strip(), float(row["onset"]),
+             float(row["offset"]) if (row.get("offset") or "").strip() else None) for row in reader]
+
+
+class ActivityGrid:
+    """Window scores -> per-cell activity on a grid of ``step`` frames (mean of the windows covering a cell's
+    centre). Feed windows in start order with ``add``; ``finish(total_frames)`` closes the grid.
+
+    State: one row ``[classes]`` of sums per cell that a window seen so far covers and that a later window
+    may still cover, i.e. about ``window / step`` rows.
+    """
+
+    def __init__(self, step: int, num_classes: int):
+        if step < 1:
+            raise ParameterError("step", f"must be at least 1 frame (got {step})")
+        self.step = step
+        self.first = 0  # index of the first cell not yet returned
+        self.sums = np.zeros((0, num_classes))
+        self.counts = np.zeros(0)
+
+    def _cells(self, start: int, end: int) -> tuple[int, int]:
+        """Cells ``[a, b)`` whose centre ``(k + 0.5) * step`` lies in frames ``[start, end)``."""
+        a = max(0, -(-(2 * start - self.step) // (2 * self.step)))
+        b = max(0, -(-(2 * end - self.step) // (2 * self.step)))
+        return a, b
+
+    def add(self, start: int, length: int, scores: np.ndarray) -> tuple[int, np.ndarray]:
+        """Add a window of ``length`` frames from frame ``start`` with ``scores`` ``[classes]``; return the cells
+        that are now final as ``(first_cell, activity [n, classes])`` (``n`` may be 0)."""
+        a, b = self._cells(start, start + length)
+        if a < self.first:
+            raise ParameterError("start", "windows must come in start order")
+        self._grow(b)
+        self.sums[a - self.first : b - self.first] += scores
+        self.counts[a - self.first : b - self.first] += 1
+        return self._take(a)  # later windows start at or after ``start``: no cell before ``a`` changes
+
+    def finish(self, total_frames: int) -> tuple[int, np.ndarray]:
+        """The remaining cells up to ``ceil(total_frames / step)``; cells no window covered get activity 0."""
+        self._grow(-(-total_frames // self.step))
+        return self._take(self.first + len(self.counts))
+
+    def _grow(self, end: int) -> None:
+        extra = end - self.first - len(self.counts)
+        if extra > 0:
+            self.sums = np.concatenate([self.sums, np.zeros((extra, self.sums.shape[1]))])
+            self.counts = np.concatenate([self.counts, np.zeros(extra)])
+
+    def _take(self, end: int) -> tuple[int, np.ndarray]:
+        n = max(0, min(end - self.first, len(self.counts)))
+        first = self.first
+        activity = self.sums[:n] / np.maximum(self.counts[:n], 1)[:, None]
+        self.sums, self.counts, self.first = self.sums[n:], self.counts[n:], first + n
+        return first, activity
+
+
+class EventDetector:
+    """Per-class hysteresis, gap merging and minimum duration over activity cells fed in blocks.
+
+    ``push(activity)`` takes the next cells ``[n, classes]`` and returns the events that can no longer change;
+    ``finish()`` returns the rest. Cells are ``cell_seconds`` long and start at 0; ``duration`` (seconds),
+    when given to ``finish``, clips the last event's end. Events of one call are sorted by (start, index).
+    State per class: whether an event is open, its onset and peak, and one closed event awaiting a merge.
+    """
+
+    def __init__(self, num_classes: int, cell_seconds: float, options: EventOptions | None = None):
+        self.options = options or EventOptions()
+        self.on, self.off = self.options.thresholds(num_classes)
+        self.cell_seconds = cell_seconds
+        self.gap_cells = self.options.max_gap / cell_seconds
+        self.next_cell = 0
+        self.active = np.zeros(num_classes, dtype=bool)
+        self.onset = np.zeros(num_classes, dtype=np.int64)
+        self.peak = np.zeros(num_classes)
+        self.held: dict[int, tuple[int, int, float]] = {}  # class -> closed (onset, offset, peak) awaiting a merge
+        self.end: float | None = None  # the audio's duration, once ``finish`` knows it
+
+    def push(self, activity: np.ndarray) -> list[Event]:
+        """Feed the next ``[n, classes]`` cells; return the events that are now final."""
+        activity = np.asarray(activity, dtype=np.float64)
+        n = len(activity)
+        if n == 0:
+            return []
+        state = self._hysteresis(activity)
+        before = np.concatenate([self.active[None], state[:-1]])
+        base = self.next_cell
+        starts = {int(c): 0 for c in np.flatnonzero(self.active)}  # class -> first cell of its event in the block
+        out: list[Event] = []
+        for cell, cls in zip(*(i.tolist() for i in np.nonzero(state != before)), strict=True):
+            if state[cell, cls]:
+                self._open(cls, base + cell, out)
+                starts[cls] = cell
+            else:
+                self.peak[cls] = activity[starts.pop(cls) : cell, cls].max(initial=self.peak[cls])
+                self.held[cls] = (int(self.onset[cls]), base + cell, float(self.peak[cls]))
+        for cls, first in starts.items():
+            self.peak[cls] = activity[first:, cls].max(initial=self.peak[cls])
+        self.active = state[-1].copy()
+        self.next_cell = base + n
+        out += self._release(self.next_cell)
+        return sorted(out, key=lambda e: (e.start, e.index))
+
+    def finish(self, duration: float | None = None) -> list[Event]:
+        """Close open events after the last cell and return every remaining event; ``duration`` (seconds)
+        clips the ends (the last cell may reach past the audio)."""
+        for cls in np.flatnonzero(self.active).tolist():
+            self.held[cls] = (int(self.onset[cls]), self.next_cell, float(self.peak[cls]))
+        self.active[:] = False
+        self.end = duration
+        return sorted(self._release(None), key=lambda e: (e.start, e.index))
+
+    def _open(self, cls: int, cell: int, out: list[Event]) -> None:
+        """An onset: merge with the held event of the class when the gap is short enough, else start anew."""
+        held = self.held.pop(cls, None)
+        if held is not None and (cell - held[1]) <= self.gap_cells + 1e-9:
+            self.onset[cls], self.peak[cls] = held[0], held[2]
+            return
+        if held is not None:
+            out += self._final(cls, *held)
+        self.onset[cls], self.peak[cls] = cell, 0.0
+
+    def _release(self, now: int | None) -> list[Event]:
+        """Held events that no later onset can merge with any more (all of them when ``now`` is None)."""
+        done = [cls for cls, (_, off, _) in self.held.items() if now is None or now - off > self.gap_cells + 1e-9]
+        return [e for cls in done for e in self._final(cls, *self.held.pop(cls))]
+
+    def _final(self, cls: int, onset: int, offset: int, peak: float) -> list[Event]:
+        """The event, or nothing when it is shorter than ``min_duration``."""
+        start, end = onset * self.cell_seconds, offset * self.cell_seconds
+        if self.end is not None:
+            end = min(end, self.end)
+        if end - start < self.options.min_duration - 1e-9 or end <= start:
+            return []
+        return [Event(cls, round(start, 6), round(end, 6), round(peak, 6))]
+
+    def _hysteresis(self, activity: np.ndarray) -> np.ndarray:
+        """Active state per cell ``[n, classes]``: the last decisive cell (>= onset: on, < offset: off) wins;
+        before any decisive cell the state carried from the previous block holds."""
+        rising, falling = activity >= self.on, activity < self.off
+        decisive = rising | falling
+        idx = np.where(decisive, np.arange(len(activity))[:, None], -1)
+        last = np.maximum.accumulate(idx, axis=0)
+        value = np.take_along_axis(rising, np.maximum(last, 0), axis=0)
+        return np.where(last >= 0, value, self.active[None])
+
+
+def detect_events(activity: np.ndarray, cell_seconds: float, options: EventOptions | None = None,
+                  duration: float | None = None) -> list[Event]:
+    """Events of a whole activity track ``[cells, classes]`` at once (the streaming detector fed one block)."""
+    activity = np.asarray(activity, dtype=np.float64)
+    detector = EventDetector(activity.shape[1], cell_seconds, options)
+    return sorted(detector.push(activity) + detector.finish(duration), key=lambda e: (e.start, e.index))

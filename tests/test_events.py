@@ -1,0 +1,218 @@
+"""Event detection: the activity grid, hysteresis, gaps, minimum length, block boundaries, threshold files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from astcli.errors import ParameterError
+from astcli.events import ActivityGrid, Event, EventDetector, EventOptions, detect_events, read_class_thresholds
+
+
+def naive_grid(windows: list[tuple[int, int, np.ndarray]], step: int, total: int) -> np.ndarray:
+    """Oracle: for each cell, the mean of the windows whose span holds the cell's centre (float arithmetic)."""
+    cells = -(-total // step)
+    out = np.zeros((cells, len(windows[0][2]) if windows else 1))
+    for k in range(cells):
+        centre = (k + 0.5) * step
+        covering = [s for start, length, s in windows if start <= centre < start + length]
+        if covering:
+            out[k] = np.mean(covering, axis=0)
+    return out
+
+
+def naive_events(track: np.ndarray, cell: float, on: float, off: float, min_cells: int, gap_cells: int,
+                 duration: float | None = None) -> list[tuple[float, float, float]]:
+    """Oracle for one class: a cell-by-cell state machine, then gap merging, then the minimum length."""
+    segments, active, begin = [], False, 0
+    for t, a in enumerate(track):
+        if not active and a >= on:
+            active, begin = True, t
+        elif active and a < off:
+            active = False
+            segments.append([begin, t])
+    if active:
+        segments.append([begin, len(track)])
+    merged: list[list[int]] = []
+    for s, e in segments:
+        if merged and s - merged[-1][1] <= gap_cells:
+            merged[-1][1] = e
+        else:
+            merged.append([s, e])
+    out = []
+    for s, e in merged:
+        start, end = s * cell, e * cell
+        if duration is not None:
+            end = min(end, duration)
+        if end > start and end - start >= min_cells * cell - 1e-9:
+            out.append((round(start, 6), round(end, 6), round(float(track[s:e].max()), 6)))
+    return out
+
+
+def stream(activity: np.ndarray, cell: float, options: EventOptions, blocks: list[int],
+           duration: float | None = None) -> list[Event]:
+    detector = EventDetector(activity.shape[1], cell, options)
+    out, at = [], 0
+    for size in blocks:
+        out += detector.push(activity[at : at + size])
+        at += size
+    out += detector.push(activity[at:])
+    return out + detector.finish(duration)
+
+
+# -- the activity grid ----------------------------------------------------------------------------------------
+
+def test_grid_means_the_windows_covering_each_cell_centre():
+    grid = ActivityGrid(step=2, num_classes=1)
+    assert grid.add(0, 8, np.array([1.0]))[1].shape == (0, 1)  # nothing final before the next window starts
+    first, cells = grid.add(2, 8, np.array([0.0]))
+    assert first == 0 and cells.tolist() == [[1.0]]
+    first, cells = grid.finish(12)
+    # cells 1-3 lie in both windows, cell 4 only in the second, cell 5 in none
+    assert first == 1 and cells[:, 0].tolist() == [0.5, 0.5, 0.5, 0.0, 0.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 30), st.integers(1, 12), st.integers(0, 80), st.integers(0, 2**31))
+def test_grid_matches_the_oracle(step, size, hop, extra, seed):
+    rng = np.random.default_rng(seed)
+    total = size + extra
+    starts = list(range(0, max(1, total - size + 1), hop))
+    windows = [(s, min(size, total - s), rng.random(3)) for s in starts]
+    grid = ActivityGrid(step, 3)
+    parts = [grid.add(s, n, scores) for s, n, scores in windows] + [grid.finish(total)]
+    firsts = [f for f, _ in parts]
+    got = np.concatenate([c for _, c in parts])
+    assert firsts == [sum(len(c) for _, c in parts[:i]) for i in range(len(parts))]  # contiguous, in order
+    np.testing.assert_allclose(got, naive_grid(windows, step, total), atol=1e-12)
+
+
+def test_grid_rejects_windows_out_of_order():
+    grid = ActivityGrid(step=1, num_classes=1)
+    grid.add(5, 4, np.array([1.0]))
+    with pytest.raises(ParameterError, match="start order"):
+        grid.add(0, 4, np.array([1.0]))
+
+
+# -- the detector ------------------------------------------------------------------------------------------
+
+TRACK = np.array([0.0, 0.6, 0.4, 0.2, 0.1, 0.7, 0.9, 0.2, 0.0, 0.0])[:, None]
+
+
+def test_hysteresis_holds_an_event_between_the_thresholds():
+    # 0.4 is below the onset (0.5) but not below the offset (0.25): the first event lasts two cells
+    assert detect_events(TRACK, 0.1) == [Event(0, 0.1, 0.3, 0.6), Event(0, 0.5, 0.7, 0.9)]
+    # a plain threshold (offset = onset) ends it at 0.4
+    assert detect_events(TRACK, 0.1, EventOptions(0.5, 0.5)) == [Event(0, 0.1, 0.2, 0.6), Event(0, 0.5, 0.7, 0.9)]
+
+
+def test_gap_merging_and_minimum_duration():
+    assert detect_events(TRACK, 0.1, EventOptions(max_gap=0.1)) == [Event(0, 0.1, 0.3, 0.6), Event(0, 0.5, 0.7, 0.9)]
+    assert detect_events(TRACK, 0.1, EventOptions(max_gap=0.2)) == [Event(0, 0.1, 0.7, 0.9)]
+    assert detect_events(TRACK, 0.1, EventOptions(min_duration=0.25)) == []
+    assert detect_events(TRACK, 0.1, EventOptions(min_duration=0.25, max_gap=0.2)) == [Event(0, 0.1, 0.7, 0.9)]
+
+
+def test_an_event_open_at_the_end_closes_at_the_duration():
+    track = np.array([0.0, 0.0, 0.8, 0.9])[:, None]
+    assert detect_events(track, 0.5, duration=1.8) == [Event(0, 1.0, 1.8, 0.9)]
+
+
+def test_an_event_across_block_boundaries_is_one_event():
+    track = np.zeros((100, 2))
+    track[10:90, 0] = 0.9
+    track[50, 0] = 0.3  # between the thresholds: no offset
+    track[60:62, 1] = 0.8
+    track[64:66, 1] = 0.8  # a 2-cell gap, merged with max_gap 0.2
+    options = EventOptions(max_gap=0.2)
+    expected = [Event(0, 1.0, 9.0, 0.9), Event(1, 6.0, 6.6, 0.8)]
+    for block in (1, 3, 7, 50, 100):
+        assert sorted(stream(track, 0.1, options, [block] * (100 // block)), key=lambda e: (e.start, e.index)) \
+            == expected
+
+
+def test_events_come_out_once_they_can_no_longer_change():
+    detector = EventDetector(1, 1.0, EventOptions(max_gap=2.0))
+    assert detector.push(np.array([[0.9], [0.0]])) == []  # closed at 1 s, but an onset at 2 s would merge
+    assert detector.push(np.array([[0.0]])) == []  # ... and one at 3 s too
+    assert detector.push(np.array([[0.0]])) == [Event(0, 0.0, 1.0, 0.9)]  # the next onset is 3 s after: final
+
+
+@st.composite
+def tracks(draw):
+    cells = draw(st.integers(1, 60))
+    classes = draw(st.integers(1, 3))
+    levels = st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 1.0])
+    values = draw(st.lists(levels, min_size=cells * classes, max_size=cells * classes))
+    return np.array(values).reshape(cells, classes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tracks(), st.sampled_from([0.01, 0.1, 0.25, 0.32]), st.sampled_from([0.3, 0.5, 0.7]),
+       st.sampled_from([0.0, 0.5, 1.0]), st.integers(0, 4), st.integers(0, 4),
+       st.lists(st.integers(1, 9), max_size=20), st.booleans())
+def test_streaming_matches_the_oracle_and_keeps_the_rules(activity, cell, on, off_share, min_cells, gap_cells,
+                                                            blocks, clip):
+    off = round(on * off_share, 6)
+    options = EventOptions(on, off, min_duration=min_cells * cell, max_gap=gap_cells * cell)
+    duration = (len(activity) - 0.5) * cell if clip else None
+    streamed = stream(activity, cell, options, blocks, duration)
+    whole = detect_events(activity, cell, options, duration)
+    assert sorted(streamed, key=lambda e: (e.start, e.index)) == whole  # any blocks == all at once
+    for cls in range(activity.shape[1]):
+        mine = [(e.start, e.end, e.score) for e in whole if e.index == cls]
+        assert mine == naive_events(activity[:, cls], cell, on, off, min_cells, gap_cells, duration)
+        end_of_audio = duration if clip else len(activity) * cell
+        for e in mine:
+            assert 0 <= e[0] < e[1] <= end_of_audio + 1e-9
+            assert e[1] - e[0] >= options.min_duration - 1e-6
+        for (_, end, _), (start, _, _) in zip(mine, mine[1:]):
+            assert start - end > options.max_gap - 1e-6  # no overlap, and gaps larger than max_gap
+
+
+# -- options and threshold files ------------------------------------------------------------------------------
+
+def test_options_reject_impossible_values():
+    with pytest.raises(ParameterError, match="onset_threshold"):
+        EventOptions(onset_threshold=0.0)
+    with pytest.raises(ParameterError, match="offset_threshold"):
+        EventOptions(onset_threshold=0.4, offset_threshold=0.6)
+    with pytest.raises(ParameterError, match="min_duration"):
+        EventOptions(min_duration=-1)
+    with pytest.raises(ParameterError, match="max_gap"):
+        EventOptions(max_gap=float("nan"))
+    assert EventOptions(0.6).offset == 0.3
+
+
+def test_class_thresholds_from_csv_and_json(tmp_path):
+    labels = ["Dog", "Cat", "Speech"]
+    (tmp_path / "t.csv").write_text("label,onset,offset\nCat,0.8,0.6\nSpeech,0.4,\n2,0.3,0.1\n", encoding="utf-8")
+    assert read_class_thresholds(tmp_path / "t.csv", labels) == {1: (0.8, 0.6), 2: (0.3, 0.1)}
+    (tmp_path / "t.json").write_text(json.dumps({"Dog": 0.9, "Cat": [0.7, 0.2]}), encoding="utf-8")
+    assert read_class_thresholds(tmp_path / "t.json", labels) == {0: (0.9, 0.45), 1: (0.7, 0.2)}
+
+
+def test_per_class_thresholds_apply_to_their_class_only():
+    track = np.array([[0.0, 0.0], [0.6, 0.6], [0.0, 0.0]])
+    options = EventOptions(0.5, class_thresholds={1: (0.7, 0.3)})
+    assert detect_events(track, 1.0, options) == [Event(0, 1.0, 2.0, 0.6)]
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("label,onset\nBird,0.5\n", "unknown class 'Bird'"),
+    ("label,onset,offset\nDog,0.5,0.7\n", "0 <= offset <= onset <= 1"),
+    ("name,value\nDog,0.5\n", "header label,onset"),
+    ("label,onset\nDog,high\n", "could not convert"),
+])
+def test_bad_threshold_files_name_the_problem(tmp_path, text, problem):
+    path = tmp_path / "t.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ParameterError, match="class_thresholds") as info:
+        read_class_thresholds(path, ["Dog"])
+    assert problem in str(info.value)
+    with pytest.raises(ParameterError, match="cannot read"):
+        read_class_thresholds(tmp_path / "missing.csv", ["Dog"])
