@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 from typing import IO
 
 from astcli.errors import ParameterError
@@ -242,3 +243,107 @@ def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None, **tab
     if fmt == "table":
         return TableWriter(stream, names or [], **table)
     raise ValueError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
+
+
+# -- event tracks: Audacity labels, WebVTT and SubRip subtitles ---------------------------------------------
+
+EVENT_FORMATS = ("audacity", "vtt", "srt")
+EVENT_EXTENSIONS = {"audacity": ".txt", "vtt": ".vtt", "srt": ".srt"}
+
+
+def timestamp(seconds: float, separator: str = ".") -> str:
+    """``HH:MM:SS.mmm`` (WebVTT) or, with ``separator=","``, ``HH:MM:SS,mmm`` (SubRip); rounded to the
+    millisecond, hours as many digits as they need (at least two)."""
+    ms = _ms(seconds)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{ms // 1000:02d}{separator}{ms % 1000:03d}"
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, rounded as ``round(seconds, 3)`` rounds the decimal value (3.0005 -> 3001)."""
+    return max(0, round(round(seconds, 3) * 1000))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _cues(record: dict) -> list[tuple[str, str, str]]:
+    """(start, end, text) per event in the record, in start order; a cue lasts at least one millisecond."""
+    cues = []
+    for event in sorted(record.get("events") or [], key=lambda e: (e["start"], e["end"], e["index"])):
+        start = _ms(event["start"])
+        end = max(start + 1, _ms(event["end"]))
+        cues.append((start / 1000, end / 1000, f"{_one_line(event['label'])} ({event['score']:.2f})"))
+    return cues
+
+
+def audacity_labels(record: dict) -> str:
+    """An Audacity label track: one ``start<TAB>end<TAB>label`` line per event (seconds with six decimals,
+    as Audacity exports them; tabs and line breaks in labels become spaces)."""
+    events = sorted(record.get("events") or [], key=lambda e: (e["start"], e["end"], e["index"]))
+    return "".join(f"{e['start']:.6f}\t{e['end']:.6f}\t{_one_line(e['label'])}\n" for e in events)
+
+
+def webvtt(record: dict) -> str:
+    """A WebVTT file (W3C WebVTT, cue text escaped: ``&``, ``<``, ``>``): the header and a blank line, then
+    per event a numbered cue reading ``label (score)`` and a blank line."""
+    def escape(text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    return "WEBVTT\n\n" + "".join(f"{i}\n{timestamp(a)} --> {timestamp(b)}\n{escape(text)}\n\n"
+                                  for i, (a, b, text) in enumerate(_cues(record), 1))
+
+
+def subrip(record: dict) -> str:
+    """A SubRip (.srt) file: cues numbered from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, the text, a blank line.
+    SubRip has no escapes: ``-->`` in a label is written ``->`` so that no text line reads as a timing."""
+    cues = _cues(record)
+    return "".join(f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text.replace('-->', '->')}\n\n"
+                   for i, (a, b, text) in enumerate(cues, 1))
+
+
+EVENT_TRACKS = {"audacity": audacity_labels, "vtt": webvtt, "srt": subrip}
+
+
+class EventTrackWriter(Writer):
+    """The events of exactly one input as an Audacity label track, WebVTT or SubRip file on ``stream``."""
+
+    def __init__(self, stream: IO[str], fmt: str):
+        super().__init__(stream)
+        self.render = EVENT_TRACKS[fmt]
+
+    def write(self, record: dict) -> None:
+        if not record.get("error"):
+            self.stream.write(self.render(record))
+            self.stream.flush()
+
+
+class EventTrackFolderWriter:
+    """One event track per input in ``folder``, named after the input (``rain.wav`` -> ``rain.vtt``; a name
+    taken by an earlier input gets ``-2``, ``-3``, ...). A failed input gets no file."""
+
+    def __init__(self, folder: str | Path, fmt: str):
+        self.folder = Path(folder)
+        self.render, self.suffix = EVENT_TRACKS[fmt], EVENT_EXTENSIONS[fmt]
+        self.taken: set[str] = set()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def name_for(self, file: str) -> str:
+        """The track's file name for input ``file`` (unique within this run)."""
+        stem = Path(file).stem or "audio"
+        name, n = stem + self.suffix, 1
+        while name in self.taken:
+            n += 1
+            name = f"{stem}-{n}{self.suffix}"
+        self.taken.add(name)
+        return name
+
+    def write(self, record: dict) -> None:
+        if not record.get("error"):
+            target = self.folder / self.name_for(record["file"])
+            target.write_text(self.render(record), encoding="utf-8", newline="")
+
+    def close(self) -> None:
+        pass
