@@ -287,3 +287,44 @@ def detect_events(activity: np.ndarray, cell_seconds: float, options: EventOptio
     activity = np.asarray(activity, dtype=np.float64)
     detector = EventDetector(activity.shape[1], cell_seconds, options)
     return sorted(detector.push(activity) + detector.finish(duration), key=lambda e: (e.start, e.index))
+
+
+class EventTracker:
+    """One file's window scores -> events, streamed: an ``ActivityGrid`` feeding an ``EventDetector``.
+
+    ``add(start, length, scores)`` takes windows in start order (frames, probabilities ``[classes]``);
+    ``finish(total_frames, duration)`` ends the file. Both return the events that became final. ``on_cells``,
+    when given, receives every final block of activity ``[n, classes]`` (e.g. for a picture).
+    """
+
+    def __init__(self, num_classes: int, step_frames: int, frame_seconds: float,
+                 options: EventOptions | None = None, on_cells=None):
+        self.grid = ActivityGrid(step_frames, num_classes)
+        self.detector = EventDetector(num_classes, step_frames * frame_seconds, options)
+        self.on_cells = on_cells
+
+    def _feed(self, cells: tuple[int, np.ndarray]) -> list[Event]:
+        activity = cells[1]
+        if self.on_cells is not None and len(activity):
+            self.on_cells(activity)
+        return self.detector.push(activity)
+
+    def add(self, start: int, length: int, scores) -> list[Event]:
+        return self._feed(self.grid.add(start, length, np.asarray(scores, dtype=np.float64)))
+
+    def finish(self, total_frames: int, duration: float | None = None) -> list[Event]:
+        return self._feed(self.grid.finish(total_frames)) + self.detector.finish(duration)
+
+
+def default_event_windows(family: str, trained_window_seconds: float) -> tuple[float, float]:
+    """(window, hop) in seconds for event detection when none are given.
+
+    ElasticAST runs at native length, so short windows cost only their own tokens: 1 s windows every 0.25 s
+    (each moment is seen by four windows: about 4x the tokens of plain tagging, 0.25 s time resolution).
+    AST only knows its trained window (shorter input is padded to it, so a shorter window saves nothing):
+    that window every quarter window (10.24 s every 2.56 s for AudioSet models: 4x the cost of plain tagging,
+    2.56 s resolution).
+    """
+    if family == "elastic":
+        return 1.0, 0.25
+    return trained_window_seconds, trained_window_seconds / 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_streaming_matches_the_oracle_and_keeps_the_rules(activity, cell, on, of
         for e in mine:
             assert 0 <= e[0] < e[1] <= end_of_audio + 1e-9
             assert e[1] - e[0] >= options.min_duration - 1e-6
-        for (_, end, _), (start, _, _) in zip(mine, mine[1:]):
+        for (_, end, _), (start, _, _) in itertools.pairwise(mine):
             assert start - end > options.max_gap - 1e-6  # no overlap, and gaps larger than max_gap
 
 
