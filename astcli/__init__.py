@@ -5,6 +5,7 @@ Python use mirrors the command line::
     import astcli
     tagger = astcli.load_model("ast-audioset")
     probs = tagger.predict([astcli.load_audio("dog.wav")])
+    events = astcli.find_events(tagger, "walk.wav")   # [{"label", "index", "start", "end", "score"}, ...]
 """
 
 __version__ = "0.1.0"
@@ -12,9 +13,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AudioError",
     "DatasetError",
+    "EventOptions",
     "ModelError",
     "Tagger",
     "__version__",
+    "find_events",
     "keep_freed_memory",
     "load_audio",
     "load_model",
@@ -51,4 +54,12 @@ def __getattr__(name):
         from astcli import tagger
 
         return getattr(tagger, name)
+    if name == "find_events":
+        from astcli.tag import find_events
+
+        return find_events
+    if name == "EventOptions":
+        from astcli.events import EventOptions
+
+        return EventOptions
     raise AttributeError(f"module 'astcli' has no attribute {name!r}")

@@ -42,7 +42,7 @@ def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
 # out here so that `ast --help` does not import torch.
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 DType = _choices("DType", ("float32", "bfloat16", "float16"))
-Format = _choices("Format", ("table", "jsonl", "json", "csv", "tsv"))
+Format = _choices("Format", ("table", "jsonl", "json", "csv", "tsv", "audacity", "vtt", "srt"))
 Aggregate = _choices("Aggregate", ("mean", "max"))
 Quantize = _choices("Quantize", ("int8",))
 Amp = _choices("Amp", ("auto", "bf16", "fp16", "off"))
@@ -101,10 +101,11 @@ def tag(
     revision: str = _REVISION,
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders of directories."),
     window: float = typer.Option(None, "--window", metavar="SECONDS",
-                                 help="Window length in seconds (default: the model's)."),
+                                 help="Window length in seconds (default: the model's; with --events 1 s for "
+                                 "ElasticAST, the trained window for AST)."),
     hop: float = typer.Option(None, "--hop", metavar="SECONDS",
-                              help="Seconds between window starts (default: the window; "
-                              "smaller values overlap windows)."),
+                              help="Seconds between window starts (default: the window; with --events a quarter "
+                              "window). Smaller values overlap windows."),
     hop_ms: float = typer.Option(None, "--hop-ms", metavar="MS",
                                  help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
                                  "fewer tokens and faster tagging)."),
@@ -112,12 +113,30 @@ def tag(
                                   "(default: max for multi-label models, mean otherwise)."),
     top_k: int = typer.Option(5, "--top-k", "-k", metavar="N", help="Tags per file/window; 0 = every class."),
     threshold: float = typer.Option(None, "--threshold", metavar="SCORE", help="Keep only tags scoring at least this."),
-    fmt: Format = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv "
-                            "(default: table on a terminal, jsonl otherwise, or from -o's extension)."),
+    fmt: Format = typer.Option(None, "--format", "-f", help="table, jsonl, json, csv or tsv; audacity, vtt or srt "
+                               "for event tracks (imply --events; with several inputs -o names a folder for one "
+                               "track per input). Default: table on a terminal, jsonl otherwise, or from -o's "
+                               "extension."),
     output: str = typer.Option(None, "--output", "-o", metavar="FILE",
                                help="Write records to this file instead of stdout."),
     timeline: bool = typer.Option(False, "--timeline", help="Add per-window segments (rows in the table, CSV "
                                   "and TSV)."),
+    events: bool = typer.Option(False, "--events", help="Detect sound events (class, start, end, score) from "
+                                "overlapping windows; see docs/events.md."),
+    onset_threshold: float = typer.Option(0.5, "--onset-threshold", metavar="SCORE",
+                                          help="Activity at which an event starts."),
+    offset_threshold: float = typer.Option(None, "--offset-threshold", metavar="SCORE",
+                                           help="Activity below which an event ends (default: half the onset "
+                                           "threshold)."),
+    min_duration: float = typer.Option(0.0, "--min-duration", metavar="SECONDS",
+                                       help="Drop events shorter than this."),
+    max_gap: float = typer.Option(0.0, "--max-gap", metavar="SECONDS",
+                                  help="Merge events of a class at most this far apart."),
+    class_thresholds: str = typer.Option(None, "--class-thresholds", metavar="FILE", help="Per-class thresholds: "
+                                         "CSV with header label,onset[,offset], or JSON {label: onset or [onset, "
+                                         "offset]}."),
+    plot: str = typer.Option(None, "--plot", metavar="DIR", help="Write one PNG per file into this folder: "
+                             "spectrogram, top classes' activity, events (implies --events; needs the plot extra)."),
     device: Device = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: DType = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", metavar="N", help="Tokens per packed forward pass "
@@ -132,23 +151,40 @@ def tag(
         raise typer.Exit()
     if not files:
         raise UsageError("no inputs: give audio files, directories, or '-' to read paths from stdin")
+    from astcli.events import EventOptions
     from astcli.pipeline import TagOptions, expand_inputs, tag_files
     from astcli.tagger import load_ensemble
-    from astcli.writers import format_for, make_writer
+    from astcli.writers import EVENT_FORMATS, format_for
 
     if output and not fmt and format_for(output, False) != output.rsplit(".", 1)[-1].lower():
         warn(f"{output}: its extension names no format: writing JSON lines (--format chooses)")
     fmt = _value(fmt) or format_for(output, sys.stdout.isatty())
     paths = expand_inputs(files, recursive, sys.stdin if "-" in files else None)
-    options = TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
-                         threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers)
+    tracks = _track_folder(fmt, output, len(paths))
+    event_options = None
+    if events or plot is not None or fmt in EVENT_FORMATS:
+        event_options = EventOptions(onset_threshold, offset_threshold, min_duration, max_gap)
+    if plot is not None:
+        from astcli.plot import require_matplotlib
+
+        require_matplotlib()
     tagger = load_ensemble(model or ["ast-audioset"], labels=labels, device=_value(device), dtype=_value(dtype),
                            revision=revision, hop_ms=hop_ms)
-    stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    if event_options is not None and class_thresholds:
+        from dataclasses import replace
+
+        from astcli.events import read_class_thresholds
+
+        event_options = replace(event_options, class_thresholds=read_class_thresholds(class_thresholds,
+                                                                                         tagger.labels))
+    options = TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
+                         threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers,
+                         events=event_options, plot_dir=plot)
+    stream = open(output, "w", encoding="utf-8", newline="") if output and not tracks else sys.stdout  # noqa: SIM115
     failed = 0
     try:
         with _TagProgress(paths, progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
-            writer = make_writer(fmt, stream, paths, **_table_layout(stream, bar, tagger.labels, timeline))
+            writer = _writer(fmt, stream, paths, tracks, _table_layout(stream, bar, tagger.labels, timeline))
             for record in records:
                 if record.get("error"):
                     failed += 1
@@ -159,7 +195,7 @@ def tag(
     except BrokenPipeError:
         _quiet_broken_pipe()
     finally:
-        if output:
+        if stream is not sys.stdout:
             stream.close()
     if output and sys.stderr.isatty():
         print(f"ast: {len(paths)} record{'s' * (len(paths) != 1)} written to {output} ({fmt})", file=sys.stderr)
@@ -199,6 +235,29 @@ def _list_models() -> None:
         origin = preset.source or "ensemble of " + ", ".join(preset.members)
         typer.echo(textwrap.fill(f"{origin}: {preset.description}", width=max(width - 1, 40),
                                  initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False))
+
+
+def _track_folder(fmt: str, output: str | None, inputs: int) -> str | None:
+    """The folder for one event track per input (audacity, vtt, srt): ``-o`` when it is a folder or when
+    there are several inputs; None when the one track goes to ``-o FILE`` or stdout."""
+    from astcli.writers import EVENT_FORMATS
+
+    if fmt not in EVENT_FORMATS:
+        return None
+    if output and (os.path.isdir(output) or inputs > 1):
+        return output
+    if inputs > 1:
+        raise UsageError(f"--format {fmt} writes one track per input: give -o FOLDER for {inputs} inputs")
+    return None
+
+
+def _writer(fmt: str, stream, paths: list[str], tracks: str | None, layout: dict):
+    """The record writer: one event track per input in ``tracks``, or a writer over ``stream``."""
+    from astcli.writers import EventTrackFolderWriter, make_writer
+
+    if tracks is not None:
+        return EventTrackFolderWriter(tracks, fmt)
+    return make_writer(fmt, stream, paths, **layout)
 
 
 class _TagProgress:
@@ -510,7 +569,7 @@ def _fail(message: str, code: int) -> None:
 
 # Parameters whose flag is not ``--`` + the name with ``_`` -> ``-``
 _FLAGS = {"warmup_steps": "--warmup", "fmt": "--format", "out_dir": "--output", "model_options": "--model-option",
-          "window_seconds": "--window", "hop_seconds": "--hop", "window": "--window-frames"}
+          "window_seconds": "--window", "hop_seconds": "--hop", "window": "--window-frames", "plot_dir": "--plot"}
 
 
 def flag_for(parameter: str) -> str:

@@ -64,3 +64,15 @@ def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
     plain = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(plain, str(tmp))
+
+
+def unique_name(file: str, suffix: str, taken: set[str]) -> str:
+    """A file name for an output made from input ``file``: its stem plus ``suffix`` (``rain.wav`` ->
+    ``rain.vtt``), with ``-2``, ``-3``, ... when an earlier input of the run took it; recorded in ``taken``."""
+    stem = Path(file).stem or "audio"
+    name, n = stem + suffix, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    taken.add(name)
+    return name

@@ -14,13 +14,14 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from astcli.audio import AUDIO_EXTENSIONS, stream_audio
 from astcli.errors import AstcliError, ParameterError
+from astcli.events import Event, EventOptions, EventTracker, default_event_windows
 from astcli.features import StreamingFbank
 from astcli.tagger import Tagger
 
@@ -40,16 +41,22 @@ class TagOptions:
     batch_tokens: int | None = None  # default: the tagger's for its device
     workers: int = 1
     block_seconds: float = 10.0
+    events: EventOptions | None = None  # detect events; window and hop default to the family's event windows
+    plot_dir: str | None = None  # one PNG per file here (needs events and matplotlib)
 
 
 @dataclass
 class FileResult:
-    """The outcome for one input: scores per window, or an error."""
+    """The outcome for one input: its aggregate scores (and per-window scores with ``timeline``, events with
+    ``events``), or an error."""
 
     file: str
     duration: float = 0.0
-    window_scores: torch.Tensor | None = None  # [windows, classes]
+    overall: torch.Tensor | None = None  # [classes]: mean or max over windows
+    window_scores: torch.Tensor | None = None  # [windows, classes], with ``timeline`` only
     spans: list[tuple[float, float]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    picture: Path | None = None
     error: str | None = None
 
 
@@ -107,6 +114,56 @@ class _Windows:
             self.buffer, self.offset = self.buffer[drop:], self.offset + drop
 
 
+class _FileState:
+    """What the main thread keeps of one file while it streams: incremental fbank, the window cutter, running
+    aggregates, per-window rows (``timeline`` only), the event tracker and the picture's pooled data."""
+
+    def __init__(self, pipeline: Pipeline):
+        t, opts = pipeline.tagger, pipeline.options
+        mel, classes = t.config.num_mel_bins, t.config.num_classes
+        self.features = StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.feature_hop_ms)
+        self.windows = _Windows(pipeline.window_frames, pipeline.hop_frames, mel)
+        self.rows: list[tuple[int, torch.Tensor]] | None = [] if opts.timeline else None
+        self.sum = torch.zeros(classes, dtype=torch.float64)
+        self.max = torch.zeros(classes)
+        self.count = 0
+        self.events: list[Event] = []
+        self.spectrogram = self.activity = None
+        if opts.plot_dir is not None:
+            from astcli.plot import Pooled
+
+            self.spectrogram, self.activity = Pooled(mel), Pooled(classes, reduce="max")
+        self.tracker = None
+        if opts.events is not None:
+            self.tracker = EventTracker(classes, pipeline.hop_frames, pipeline.frame_seconds, opts.events,
+                                        on_cells=self.activity.push if self.activity is not None else None)
+
+    def cut(self, block: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Windows completed by the next audio block."""
+        frames = self.features.push(block)
+        if self.spectrogram is not None:
+            self.spectrogram.push(frames.numpy())
+        return self.windows.push(frames)
+
+    def end(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The last, partial windows."""
+        return self.windows.finish(self.features.num_frames)
+
+    def add(self, start: int, length: int, row: torch.Tensor) -> None:
+        """The scores ``[classes]`` of the next window (windows arrive in start order)."""
+        self.sum += row
+        self.max = torch.maximum(self.max, row) if self.count else row.clone()
+        self.count += 1
+        if self.rows is not None:
+            self.rows.append((start, row))
+        if self.tracker is not None:
+            self.events += self.tracker.add(start, length, row.numpy())
+
+    def finish(self, duration: float) -> None:
+        if self.tracker is not None:
+            self.events += self.tracker.finish(self.features.num_frames, duration)
+
+
 def _reason(message: str, path: str) -> str:
     """An error message without the leading ``path:`` (records carry the path separately)."""
     return message[len(path) + 2 :] if message.startswith(path + ": ") else message
@@ -122,6 +179,11 @@ class Pipeline:
         hop_ms = tagger.feature_hop_ms
         config = tagger.config
         self.window_frames = tagger.window_frames
+        if options.events is not None:  # the family's event windows unless window / hop are given
+            window, hop = default_event_windows(config.family, config.max_frames * hop_ms / 1000)
+            options = replace(options, window_seconds=options.window_seconds or window,
+                              hop_seconds=options.hop_seconds or hop)
+            self.options = options
         if options.window_seconds is not None:
             self.window_frames = max(1, round(options.window_seconds * 1000.0 / hop_ms))
             if config.pads_to_window and self.window_frames > config.max_frames:
@@ -140,6 +202,13 @@ class Pipeline:
         if options.aggregate not in (None, *AGGREGATES):
             raise ParameterError("aggregate", f"must be one of {', '.join(AGGREGATES)}")
         self.frame_seconds = hop_ms / 1000.0
+        self.picture_names: set[str] = set()
+        if options.plot_dir is not None:
+            if options.events is None:
+                raise ParameterError("plot_dir", "needs events (pictures show the detected events)")
+            from astcli.plot import require_matplotlib
+
+            require_matplotlib()
 
     # -- producer side: decode + resample, in worker threads ---------------------------------------------
 
@@ -201,10 +270,9 @@ class Pipeline:
     def _consume(self, paths: list[str], items: queue.Queue,
                  on_window_batch: Callable[[float], None] | None) -> Iterator[FileResult]:
         results = [FileResult(p) for p in paths]
-        scores: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        states: dict[int, _FileState] = {}
         finished: set[int] = set()
         pending: list[tuple[int, int, torch.Tensor]] = []
-        cutters: dict[int, tuple[StreamingFbank, _Windows]] = {}
         tokens = self.tagger.config.tokens
         pending_tokens = 0
 
@@ -213,8 +281,8 @@ class Pipeline:
             live = [p for p in pending if results[p[0]].error is None]
             if live:
                 probs = self.tagger.score_windows([w for _, _, w in live], self.batch_tokens)
-                for (index, start, _), row in zip(live, probs, strict=True):
-                    scores.setdefault(index, []).append((start, row))
+                for (index, start, w), row in zip(live, probs, strict=True):
+                    states[index].add(start, len(w), row)
                 if on_window_batch:
                     on_window_batch(sum(len(w) for _, _, w in live) * self.frame_seconds)
             pending.clear()
@@ -228,11 +296,11 @@ class Pipeline:
                 flush()
                 continue
             if kind == "error":
-                cutters.pop(index, None)
+                states.pop(index, None)
                 results[index].error = payload
                 finished.add(index)
             else:
-                for start, w in self._windows_of(kind, index, payload, cutters, results, finished):
+                for start, w in self._windows_of(kind, index, payload, states, results, finished):
                     pending.append((index, start, w))
                     pending_tokens += tokens(min(len(w), self.window_frames))
                 if pending_tokens >= self.batch_tokens:
@@ -242,37 +310,69 @@ class Pipeline:
             while emitted in finished:
                 if any(i == emitted for i, _, _ in pending):
                     flush()
-                yield self._finish(results[emitted], scores.pop(emitted, []))
+                yield self._finish(results[emitted], states.pop(emitted, None))
                 emitted += 1
 
-    def _windows_of(self, kind: str, index: int, payload, cutters: dict, results: list[FileResult],
+    def _windows_of(self, kind: str, index: int, payload, states: dict, results: list[FileResult],
                     finished: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """The (start frame, window) pairs that a decoded block, or a file's end, completes."""
-        if index not in cutters:
-            cutters[index] = self._cutter()
-        features, windows = cutters[index]
+        state = states.get(index) or states.setdefault(index, _FileState(self))
         if kind == "block":
-            return windows.push(features.push(payload))
-        del cutters[index]  # "end": the last, partial windows
-        results[index].duration = payload / self.tagger.sample_rate
+            return state.cut(payload)
+        results[index].duration = payload / self.tagger.sample_rate  # "end": the last, partial windows
         finished.add(index)
-        return windows.finish(features.num_frames)
+        return state.end()
 
-    def _cutter(self) -> tuple[StreamingFbank, _Windows]:
-        """Per-file state on the main thread: incremental fbank and the window cutter."""
-        t = self.tagger
-        mel = t.config.num_mel_bins
-        return (StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.feature_hop_ms),
-                _Windows(self.window_frames, self.hop_frames, mel))
+    def tag_waveform(self, waveform: torch.Tensor, sample_rate: int, name: str = "<waveform>") -> FileResult:
+        """The FileResult of one in-memory 1-D waveform at ``sample_rate``, in blocks of ``block_seconds``."""
+        if waveform.dim() != 1:
+            raise ParameterError("audio", f"must be a 1-D waveform (got shape {tuple(waveform.shape)})")
+        if sample_rate != self.tagger.sample_rate:
+            from astcli.audio import resample
 
-    def _finish(self, result: FileResult, rows: list[tuple[int, torch.Tensor]]) -> FileResult:
-        if result.error is None:
-            rows.sort(key=lambda r: r[0])
-            result.window_scores = torch.stack([r for _, r in rows])
+            waveform = resample(waveform, sample_rate, self.tagger.sample_rate)
+        if len(waveform) < self.tagger.sample_rate * 0.025:
+            raise ParameterError("audio", "is shorter than one 25 ms feature frame")
+        state = _FileState(self)
+        block = max(1, round(self.options.block_seconds * self.tagger.sample_rate))
+        for at in range(0, len(waveform), block):
+            self._score(state, list(state.cut(waveform[at : at + block])))
+        self._score(state, list(state.end()))
+        return self._finish(FileResult(name, duration=len(waveform) / self.tagger.sample_rate), state)
+
+    def _score(self, state: _FileState, windows: list[tuple[int, torch.Tensor]]) -> None:
+        if windows:
+            probs = self.tagger.score_windows([w for _, w in windows], self.batch_tokens)
+            for (start, w), row in zip(windows, probs, strict=True):
+                state.add(start, len(w), row)
+
+    def _finish(self, result: FileResult, state: _FileState | None) -> FileResult:
+        if result.error is not None or state is None:
+            return result
+        state.finish(result.duration)
+        multi = self.tagger.config.multi_label
+        aggregate = self.options.aggregate or ("max" if multi else "mean")
+        result.overall = state.max if aggregate == "max" else (state.sum / max(state.count, 1)).float()
+        result.events = sorted(state.events, key=lambda e: (e.start, e.index))
+        if state.rows is not None:
+            result.window_scores = torch.stack([r for _, r in state.rows])
             size = self.window_frames * self.frame_seconds
             result.spans = [(s * self.frame_seconds, min(s * self.frame_seconds + size, result.duration))
-                            for s, _ in rows]
+                            for s, _ in state.rows]
+        if self.options.plot_dir is not None:
+            result.picture = self._draw(result, state)
         return result
+
+    def _draw(self, result: FileResult, state: _FileState) -> Path:
+        from astcli.files import unique_name
+        from astcli.plot import draw
+
+        folder = Path(self.options.plot_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return draw(folder / unique_name(result.file, ".png", self.picture_names), title=result.file,
+                    duration=result.duration, spectrogram=state.spectrogram, frame_seconds=self.frame_seconds,
+                    activity=state.activity, cell_seconds=self.hop_frames * self.frame_seconds,
+                    events=[self._event(e) for e in result.events], labels=self.tagger.labels)
 
     # -- records --------------------------------------------------------------------------------------------
 
@@ -289,15 +389,18 @@ class Pipeline:
         """The output record of one file, in the documented schema."""
         if result.error is not None:
             return {"file": result.file, "error": result.error}
-        aggregate = self.options.aggregate or ("max" if self.tagger.config.multi_label else "mean")
-        window_scores = result.window_scores
-        overall = window_scores.amax(0) if aggregate == "max" else window_scores.mean(0)
-        record = {"file": result.file, "duration": round(result.duration, 3), "tags": self._tags(overall),
+        record = {"file": result.file, "duration": round(result.duration, 3), "tags": self._tags(result.overall),
                   "error": None}
         if self.options.timeline:
             record["segments"] = [{"start": round(a, 3), "end": round(b, 3), "tags": self._tags(row)}
-                                  for (a, b), row in zip(result.spans, window_scores, strict=True)]
+                                  for (a, b), row in zip(result.spans, result.window_scores, strict=True)]
+        if self.options.events is not None:
+            record["events"] = [self._event(e) for e in result.events]
         return record
+
+    def _event(self, event: Event) -> dict:
+        return {"label": self.tagger.labels[event.index], "index": event.index, "start": event.start,
+                "end": event.end, "score": event.score}
 
 
 def tag_files(tagger: Tagger, paths: list[str], options: TagOptions | None = None,
@@ -307,3 +410,28 @@ def tag_files(tagger: Tagger, paths: list[str], options: TagOptions | None = Non
     with closing(pipeline.run(paths, on_audio)) as results:
         for result in results:
             yield pipeline.record(result)
+
+
+def find_events(tagger, audio, *, options: EventOptions | None = None, window_seconds: float | None = None,
+                hop_seconds: float | None = None, sample_rate: int = 16000,
+                batch_tokens: int | None = None) -> list[dict]:
+    """Sound events in one recording, as ``ast tag --events`` finds them.
+
+    ``audio`` is a path (decoded in blocks, bounded memory) or a 1-D float waveform in [-1, 1] at
+    ``sample_rate`` Hz. Windows default to the model family's event windows (``default_event_windows``).
+    Returns ``[{"label", "index", "start", "end", "score"}]`` (seconds; score = peak activity) in start
+    order. Raises ``AudioError`` for unreadable audio, ``ParameterError`` for options that cannot work.
+    """
+    from astcli.errors import AudioError
+
+    tag_options = TagOptions(window_seconds=window_seconds, hop_seconds=hop_seconds, batch_tokens=batch_tokens,
+                             events=options or EventOptions())
+    pipeline = Pipeline(tagger, tag_options)
+    if isinstance(audio, (str, os.PathLike)):
+        with closing(pipeline.run([os.fspath(audio)])) as results:
+            result = next(results)
+        if result.error is not None:
+            raise AudioError(f"{os.fspath(audio)}: {result.error}")
+    else:
+        result = pipeline.tag_waveform(torch.as_tensor(audio, dtype=torch.float32), sample_rate)
+    return [pipeline._event(e) for e in result.events]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from astcli.errors import ParameterError
+from astcli.files import unique_name, write_text
 
 FORMATS = ("table", "jsonl", "json", "csv", "tsv")
 CSV_COLUMNS = ("file", "scope", "start", "end", "label", "score", "error", "warning")
@@ -36,7 +37,7 @@ def format_for(path: str | None, stdout_is_tty: bool) -> str:
     """The default format: from the output file's extension, else table on a terminal, jsonl in a pipe."""
     if path:
         suffix = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-        return suffix if suffix in FORMATS and suffix != "table" else "jsonl"
+        return suffix if suffix in (*FORMATS, "vtt", "srt") and suffix != "table" else "jsonl"
     return "table" if stdout_is_tty else "jsonl"
 
 
@@ -128,9 +129,9 @@ class JsonWriter(Writer):
 
 class DelimitedWriter(Writer):
     """Long form, one row per (file, span, label); ``scope`` tells the whole file's rows ("file") from a window's
-    ("window", with --timeline). Every input has at least one "file" row: with no tag kept, its label and score
-    are empty; a failed file's row holds its error. A warning is repeated on each row of its file. Times are
-    in seconds to the millisecond, as in every format."""
+    ("window", with --timeline) and an event's ("event", with --events). Every input has at least one "file"
+    row: with no tag kept, its label and score are empty; a failed file's row holds its error. A warning is
+    repeated on each row of its file. Times are in seconds to the millisecond, as in every format."""
 
     def __init__(self, stream: IO[str], delimiter: str):
         super().__init__(stream)
@@ -146,6 +147,7 @@ class DelimitedWriter(Writer):
         else:
             whole = {"start": 0.0, "end": record["duration"], "tags": record["tags"] or [{"label": "", "score": ""}]}
             spans = [("file", whole), *(("window", span) for span in record.get("segments", []))]
+            spans += [("event", {**e, "tags": [e]}) for e in record.get("events", [])]
             rows = [[file, scope, _number(span["start"], 3), _number(span["end"], 3), tag["label"],
                      _number(tag["score"], 6), "", warning] for scope, span in spans for tag in span["tags"]]
         for row in rows:
@@ -226,14 +228,17 @@ def _keep_end(text: str, width: int) -> str:
 
 
 def make_writer(fmt: str, stream: IO[str], names: list[str] | None = None, **table) -> Writer:
-    """A writer of format ``fmt`` (one of FORMATS) over ``stream``; ``names`` (the inputs) and ``table``
-    (``labels``, ``timeline``, ``width``, ``emit``: see TableWriter) shape the table.
+    """A writer of format ``fmt`` (one of FORMATS, or of EVENT_FORMATS for a run of one input) over ``stream``;
+    ``names`` (the inputs) and ``table`` (``labels``, ``timeline``, ``width``, ``emit``: see TableWriter) shape
+    the table.
 
     A text stream that can be reconfigured (a file, stdout) is set to ``errors="surrogateescape"`` so that
     names that are not UTF-8 go out as their own bytes (CSV/TSV); JSON and the table never need it."""
     reconfigure = getattr(stream, "reconfigure", None)
     if reconfigure is not None:
         reconfigure(errors="surrogateescape")
+    if fmt in EVENT_FORMATS:
+        return EventTrackWriter(stream, fmt)
     if fmt == "jsonl":
         return JsonlWriter(stream)
     if fmt == "json":
@@ -272,7 +277,7 @@ def _one_line(text: str) -> str:
 def _cues(record: dict) -> list[tuple[str, str, str]]:
     """(start, end, text) per event in the record, in start order; a cue lasts at least one millisecond."""
     cues = []
-    for event in sorted(record.get("events") or [], key=lambda e: (e["start"], e["end"], e["index"])):
+    for event in sorted(record.get("events") or [], key=lambda e: (e["start"], e["index"])):
         start = _ms(event["start"])
         end = max(start + 1, _ms(event["end"]))
         cues.append((start / 1000, end / 1000, f"{_one_line(event['label'])} ({event['score']:.2f})"))
@@ -282,7 +287,7 @@ def _cues(record: dict) -> list[tuple[str, str, str]]:
 def audacity_labels(record: dict) -> str:
     """An Audacity label track: one ``start<TAB>end<TAB>label`` line per event (seconds with six decimals,
     as Audacity exports them; tabs and line breaks in labels become spaces)."""
-    events = sorted(record.get("events") or [], key=lambda e: (e["start"], e["end"], e["index"]))
+    events = sorted(record.get("events") or [], key=lambda e: (e["start"], e["index"]))
     return "".join(f"{e['start']:.6f}\t{e['end']:.6f}\t{_one_line(e['label'])}\n" for e in events)
 
 
@@ -330,20 +335,9 @@ class EventTrackFolderWriter:
         self.taken: set[str] = set()
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def name_for(self, file: str) -> str:
-        """The track's file name for input ``file`` (unique within this run)."""
-        stem = Path(file).stem or "audio"
-        name, n = stem + self.suffix, 1
-        while name in self.taken:
-            n += 1
-            name = f"{stem}-{n}{self.suffix}"
-        self.taken.add(name)
-        return name
-
     def write(self, record: dict) -> None:
         if not record.get("error"):
-            target = self.folder / self.name_for(record["file"])
-            target.write_text(self.render(record), encoding="utf-8", newline="")
+            write_text(self.folder / unique_name(record["file"], self.suffix, self.taken), self.render(record))
 
     def close(self) -> None:
         pass

@@ -77,10 +77,11 @@ def test_cli_choices_are_the_library_choices():
     from astcli.pipeline import AGGREGATES
     from astcli.train.models import ARCHS, INITS, SIZES
     from astcli.train.optimization import AMP_MODES
-    from astcli.writers import FORMATS
+    from astcli.writers import EVENT_FORMATS, FORMATS
 
-    pairs = [(cli.Device, DEVICES), (cli.DType, tuple(DTYPES)), (cli.Format, FORMATS), (cli.Aggregate, AGGREGATES),
-             (cli.Quantize, QUANTIZE), (cli.Amp, AMP_MODES), (cli.Arch, ARCHS), (cli.Size, SIZES), (cli.Init, INITS)]
+    pairs = [(cli.Device, DEVICES), (cli.DType, tuple(DTYPES)), (cli.Format, FORMATS + EVENT_FORMATS),
+             (cli.Aggregate, AGGREGATES), (cli.Quantize, QUANTIZE), (cli.Amp, AMP_MODES), (cli.Arch, ARCHS),
+             (cli.Size, SIZES), (cli.Init, INITS)]
     for choice, values in pairs:
         assert tuple(c.value for c in choice) == tuple(values), choice
 

@@ -1,0 +1,204 @@
+"""`ast tag --events` end to end: events from the pipeline equal an independent computation from the timeline's
+window scores; paths, waveforms, blocks and ONNX agree; formats, pictures and errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_tag import jsonl, run_cli
+
+from astcli.events import EventOptions
+from astcli.model import AudioTransformer, elastic_config
+from astcli.model.checkpoints import save_checkpoint
+from astcli.pipeline import TagOptions, find_events, tag_files
+from astcli.tagger import load_model
+
+LABELS = ["hum", "hiss", "click", "tone"]
+
+
+@pytest.fixture(scope="module")
+def elastic_dir(tmp_path_factory):
+    """A small random ElasticAST in astcli's own format (4 classes, sigmoid scores)."""
+    torch.manual_seed(3)
+    config = elastic_config("tiny", dim=64, depth=2, heads=2, mlp_dim=128, max_frames=512, num_classes=4,
+                            labels=tuple(LABELS), multi_label=True)
+    model = AudioTransformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return str(save_checkpoint(tmp_path_factory.mktemp("elastic") / "model", config, model.state_dict()))
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """12 s: noise, a loud tone from 3 s to 7.5 s, clicks from 9 s; at 16 kHz."""
+    rng = np.random.default_rng(0)
+    t = np.arange(12 * 16000) / 16000
+    x = 0.02 * rng.standard_normal(t.size)
+    x[3 * 16000 : int(7.5 * 16000)] += 0.5 * np.sin(2 * np.pi * 1000 * t[3 * 16000 : int(7.5 * 16000)])
+    x[9 * 16000 :: 1600] = 0.9
+    path = tmp_path_factory.mktemp("scene") / "scene.wav"
+    sf.write(path, x.astype(np.float32), 16000)
+    return str(path)
+
+
+def oracle_events(segments: list[dict], hop: float, duration: float, on: float, off: float) -> list[tuple]:
+    """Events from timeline windows, computed plainly: per cell of ``hop`` seconds the mean of the windows
+    holding its centre, then a cell-by-cell hysteresis per class."""
+    cells = int(np.ceil(duration / hop - 1e-9))
+    scores = np.zeros((len(segments), len(LABELS)))
+    for i, seg in enumerate(segments):
+        for tag in seg["tags"]:
+            scores[i, tag["index"]] = tag["score"]
+    out = []
+    for cls in range(len(LABELS)):
+        active, begin, track = False, 0, []
+        for k in range(cells):
+            centre = (k + 0.5) * hop
+            covering = [scores[i, cls] for i, s in enumerate(segments) if s["start"] <= centre < s["end"] + 1e-9]
+            track.append(np.mean(covering) if covering else 0.0)
+        for k, a in enumerate([*track, 0.0]):
+            if not active and a >= on:
+                active, begin = True, k
+            elif active and a < off:
+                active = False
+                out.append((cls, begin * hop, min(k * hop, duration), max(track[begin:k])))
+    return sorted(out, key=lambda e: (e[1], e[0]))
+
+
+def thresholds_for(segments: list[dict]) -> tuple[float, float]:
+    """An onset between the scores' quartiles so that the random model yields some events."""
+    values = np.array([t["score"] for s in segments for t in s["tags"]])
+    return round(float(np.quantile(values, 0.75)), 4), round(float(np.quantile(values, 0.5)), 4)
+
+
+def test_events_match_an_independent_computation_from_window_scores(elastic_dir, scene, capsys, monkeypatch):
+    _, out, _ = run_cli(["tag", scene, "-m", elastic_dir, "--timeline", "-k", "0", "--window", "1", "--hop", "0.25",
+                         "-f", "jsonl"], capsys, monkeypatch)
+    timeline = jsonl(out)[0]
+    on, off = thresholds_for(timeline["segments"])
+    code, out, _ = run_cli(["tag", scene, "-m", elastic_dir, "--events", "--onset-threshold", str(on),
+                            "--offset-threshold", str(off), "-f", "jsonl"], capsys, monkeypatch)
+    record = jsonl(out)[0]
+    assert code == 0 and record["tags"] and record["events"]
+    got = [(e["index"], e["start"], e["end"], e["score"]) for e in record["events"]]
+    expected = oracle_events(timeline["segments"], 0.25, record["duration"], on, off)
+    assert [g[:3] for g in got] == [(c, pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6)) for c, a, b, _ in
+                                    expected]
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], abs=2e-6)
+    assert all(e["label"] == LABELS[e["index"]] for e in record["events"])
+
+
+def test_path_waveform_blocks_and_onnx_agree(elastic_dir, scene, tmp_path):
+    from astcli.export import export_model
+
+    tagger = load_model(elastic_dir, device="cpu")
+    options = EventOptions(0.5, 0.4, min_duration=0.5, max_gap=0.25)
+    by_path = find_events(tagger, scene, options=options)
+    audio, rate = sf.read(scene, dtype="float32")
+    assert find_events(tagger, torch.from_numpy(audio), options=options, sample_rate=rate) == by_path
+    resampled = find_events(tagger, torch.from_numpy(audio[::2].copy()), options=options, sample_rate=8000)
+    assert {e["label"] for e in resampled} <= set(LABELS)
+    small_blocks = TagOptions(events=options, block_seconds=0.37)
+    assert next(tag_files(tagger, [scene], small_blocks))["events"] == by_path
+    onnx = export_model(elastic_dir, tmp_path / "m.onnx").path
+    through_onnx = find_events(load_model(str(onnx)), scene, options=options)
+    assert [(e["index"], e["start"], e["end"]) for e in through_onnx] == [(e["index"], e["start"], e["end"])
+                                                                          for e in by_path]
+    assert [e["score"] for e in through_onnx] == pytest.approx([e["score"] for e in by_path], abs=1e-4)
+
+
+def test_an_event_spanning_blocks_of_a_long_file_is_one_event(elastic_dir, tmp_path):
+    """Three minutes in 1-s blocks; with the onset under every score, each class is one event over the file."""
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(1)
+    with sf.SoundFile(path, "w", 16000, 1, "PCM_16") as f:
+        for _ in range(3):
+            f.write((0.05 * rng.standard_normal(16000 * 60)).astype(np.float32))
+    tagger = load_model(elastic_dir, device="cpu")
+    record = next(tag_files(tagger, [str(path)], TagOptions(events=EventOptions(1e-6, 0.0), block_seconds=1.0)))
+    assert [(e["index"], e["start"], e["end"]) for e in record["events"]] == [(i, 0.0, 180.0) for i in range(4)]
+
+
+def test_memory_does_not_grow_with_the_file(elastic_dir, tmp_path):
+    """Events over an hour peak at about the memory of ten seconds (separate processes, VmHWM)."""
+    rng = np.random.default_rng(2)
+    long_file, short_file = tmp_path / "hour.wav", tmp_path / "ten.wav"
+    with sf.SoundFile(long_file, "w", 16000, 1, "PCM_16") as f:
+        for _ in range(60):
+            f.write((0.05 * rng.standard_normal(16000 * 60)).astype(np.float32))
+    sf.write(short_file, (0.05 * rng.standard_normal(16000 * 10)).astype(np.float32), 16000)
+    probe = ("import sys, json; from astcli.tag import TagOptions, tag_files; from astcli.events import EventOptions;"
+             "from astcli.tagger import load_model;"
+             "r = next(tag_files(load_model(sys.argv[1]), [sys.argv[2]], TagOptions(events=EventOptions(0.5))));"
+             "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+             "print(json.dumps([r['duration'], hwm]))")
+    peaks = {}
+    for name, path in (("hour", long_file), ("ten", short_file)):
+        done = subprocess.run([sys.executable, "-c", probe, elastic_dir, str(path)], capture_output=True, text=True,
+                              check=True, timeout=600)
+        duration, peaks[name] = json.loads(done.stdout)
+    assert duration == pytest.approx(10.0)
+    assert peaks["hour"] <= 1.3 * peaks["ten"], peaks
+
+
+def test_event_formats_through_the_cli(elastic_dir, scene, tmp_path, capsys, monkeypatch):
+    base = ["tag", "-m", elastic_dir, "--onset-threshold", "0.5", "--offset-threshold", "0.4"]
+    args = [*base, scene]
+    _, out, _ = run_cli([*args, "--events", "-f", "jsonl"], capsys, monkeypatch)
+    events = jsonl(out)[0]["events"]
+    assert events
+    code, out, _ = run_cli([*args, "-f", "audacity"], capsys, monkeypatch)
+    assert code == 0 and [line.split("\t") for line in out.splitlines()] == [
+        [f"{e['start']:.6f}", f"{e['end']:.6f}", e["label"]] for e in events]
+    code, out, _ = run_cli([*args, "--events", "-f", "csv"], capsys, monkeypatch)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["label"], float(r["start"]), float(r["end"])) for r in rows if r["scope"] == "event"] == [
+        (e["label"], round(e["start"], 3), round(e["end"], 3)) for e in events]
+    assert {r["scope"] for r in rows} == {"file", "event"}
+    second = tmp_path / "again.wav"
+    second.write_bytes(Path(scene).read_bytes())
+    code, _, _ = run_cli([*base, "-f", "vtt", "-o", str(tmp_path / "tracks"), scene, str(second)], capsys,
+                         monkeypatch)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "tracks").iterdir()) == ["again.vtt", "scene.vtt"]
+    assert (tmp_path / "tracks" / "scene.vtt").read_text(encoding="utf-8").startswith("WEBVTT\n\n1\n")
+    code, out, _ = run_cli([*args, "-o", str(tmp_path / "one.srt")], capsys, monkeypatch)
+    assert code == 0 and (tmp_path / "one.srt").read_text(encoding="utf-8").startswith("1\n00:00:")
+
+
+def test_plots_one_picture_per_file(elastic_dir, scene, tmp_path, capsys, monkeypatch):
+    import matplotlib.image
+
+    code, out, _ = run_cli(["tag", scene, scene, "-m", elastic_dir, "--plot", str(tmp_path / "pics"), "-f", "jsonl"],
+                           capsys, monkeypatch)
+    assert code == 0 and all("events" in r for r in jsonl(out))
+    pictures = sorted((tmp_path / "pics").iterdir())
+    assert [p.name for p in pictures] == ["scene-2.png", "scene.png"]
+    assert matplotlib.image.imread(pictures[0]).shape[1] == 1200
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--events", "--onset-threshold", "1.5"], "--onset-threshold must lie in (0, 1]"),
+    (["--events", "--offset-threshold", "0.9"], "--offset-threshold must lie in [0, onset_threshold]"),
+    (["--events", "--min-duration", "-1"], "--min-duration must be a number of seconds >= 0"),
+    (["--events", "--class-thresholds", "missing.csv"], "--class-thresholds cannot read missing.csv"),
+    (["-f", "srt", "SECOND"], "--format srt writes one track per input: give -o FOLDER for 2 inputs"),
+])
+def test_event_usage_errors_exit_2_before_any_output(extra, message, elastic_dir, scene, tmp_path, capsys,
+                                                     monkeypatch):
+    out_file = tmp_path / "keep.jsonl"
+    out_file.write_text("old\n", encoding="utf-8")
+    extra = [scene if a == "SECOND" else a for a in extra]
+    code, out, err = run_cli(["tag", scene, "-m", elastic_dir, *extra, *(["-o", str(out_file)] if "-f" not in extra
+                                                                         else [])], capsys, monkeypatch)
+    assert code == 2 and out == "" and message in err and "Traceback" not in err
+    assert out_file.read_text(encoding="utf-8") == "old\n"
