@@ -55,7 +55,7 @@ def __getattr__(name):
 
         return getattr(tagger, name)
     if name == "find_events":
-        from astcli.tag import find_events
+        from astcli.pipeline import find_events
 
         return find_events
     if name == "EventOptions":

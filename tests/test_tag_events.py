@@ -137,8 +137,8 @@ def test_memory_does_not_grow_with_the_file(elastic_dir, tmp_path):
         for _ in range(60):
             f.write((0.05 * rng.standard_normal(16000 * 60)).astype(np.float32))
     sf.write(short_file, (0.05 * rng.standard_normal(16000 * 10)).astype(np.float32), 16000)
-    probe = ("import sys, json; from astcli.tag import TagOptions, tag_files; from astcli.events import EventOptions;"
-             "from astcli.tagger import load_model;"
+    probe = ("import sys, json; from astcli.pipeline import TagOptions, tag_files;"
+             "from astcli.events import EventOptions; from astcli.tagger import load_model;"
              "r = next(tag_files(load_model(sys.argv[1]), [sys.argv[2]], TagOptions(events=EventOptions(0.5))));"
              "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
              "print(json.dumps([r['duration'], hwm]))")
