@@ -14,8 +14,8 @@
    window, touching windows merged), at the model's default window and at 1 s windows.
 3. Speed: `ast tag --events` on a 1-hour file with 2 torch threads, as x real time.
 
-Training and tagging run through the CLI in subprocesses under `nice`; the machine is shared, so wall
-times carry other jobs' load (the script prints the load average next to them).
+Training (under `nice`) and tagging run through the CLI in subprocesses; on a shared machine wall times carry
+other jobs' load (the script prints the load average next to them).
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def test_set(folder: Path, files: int, seconds: float = 60.0, seed: int = 1) -> 
 
 
 def tag(model: Path, paths: list[str], *options: str) -> list[dict]:
-    """Records of `ast tag` (JSON lines) over ``paths`` with ``options``, run under nice with 2 threads."""
+    """Records of `ast tag` (JSON lines) over ``paths`` with ``options``, with 2 threads."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    out = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "astcli", "tag", *paths, "-m", str(model),
+    out = subprocess.run([sys.executable, "-m", "astcli", "tag", *paths, "-m", str(model),
                           "-f", "jsonl", *options], check=True, capture_output=True, text=True, env=env).stdout
     return [json.loads(line) for line in out.splitlines()]
 
