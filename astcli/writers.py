@@ -28,7 +28,7 @@ from astcli.files import unique_name, write_text
 FORMATS = ("table", "jsonl", "json", "csv", "tsv")
 CSV_COLUMNS = ("file", "scope", "start", "end", "label", "score", "error", "warning")
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff\x85\u2028\u2029]")  # and the line breaks str.splitlines() sees
 _UNPRINTABLE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _NAMED_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
