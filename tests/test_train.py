@@ -419,7 +419,7 @@ def test_cli_train_then_finetune_on_an_esc50_layout(small_folder, tmp_path):
     assert [line.split()[0] for line in lines[1:7]] == ["1", "2", "3", "4", "5", "mean"]
     assert [line.split()[4:6] for line in lines[1:6]] == [["3", "3"]] * 5  # one clip of each class each
     assert lines[6].count("±") == 3 and lines[7].startswith("probe:") and lines[8].startswith("AST protocol")
-    assert "esc50 recipe: 9 training, 3 validation, 3 test clips per fold" in tuned.stderr
+    assert "esc50 recipe: 3 classes on cpu; 9 training, 3 validation, 3 test clips per fold" in tuned.stderr
     summary = json.loads((tmp_path / "esc" / "summary.json").read_text())
     assert summary["metric"] == "top1" and len(summary["runs"]) == 5
     for run in summary["runs"]:  # selection on the validation clips, the held-out fold reported as the test

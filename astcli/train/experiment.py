@@ -270,13 +270,15 @@ class _Experiment:
             return fitted
         return None
 
-    def plan(self) -> str:
-        """One line on what the run will do: data, clips and optimizer steps per epoch, schedule, statistics."""
+    def plan(self, device) -> str:
+        """One line on what the run will do: classes, device, data, clips and optimizer steps per epoch, schedule,
+        statistics."""
         r, split, c = self.recipe, self.splits[0], self.base.config
         batches = batches_per_epoch(c, split, window=r.window, budget=r.batch_tokens, world=self.dist.world)
         steps = -(-batches // r.grad_accum)
         per_fold = " per fold" if split.fold is not None else ""
-        return (f"{r.name} recipe: {len(split.train)} training, {len(split.validation)} validation, "
+        return (f"{r.name} recipe: {len(self.dataset.classes)} classes on {device}; "
+                f"{len(split.train)} training, {len(split.validation)} validation, "
                 f"{len(split.test)} test clips{per_fold}; ~{len(split.train) / max(1, steps):.0f} clips per step "
                 f"({r.batch_tokens} tokens), {steps} steps per epoch, {r.epochs} epochs; {r.optimizer} lr {r.lr:g}, "
                 f"warm-up {r.warmup_steps} steps, x{r.lr_decay:g} per epoch after epoch {r.lr_decay_start}; "
@@ -372,7 +374,7 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, device=None
             experiment = _Experiment(spec, out, dist)
             experiment.save()
             if dist.main:
-                note(experiment.plan())
+                note(experiment.plan(dev))
             dist.barrier()
             options = RunOptions(out, seed=spec.seed, amp=spec.amp, device=dev, num_workers=num_workers,
                                  progress=sys.stderr.isatty() if progress is None else progress, stop=stop,
