@@ -20,7 +20,7 @@ import torch
 
 from astcli.errors import ModelError, ParameterError
 from astcli.model.checkpoints import save_checkpoint
-from astcli.model.config import ModelConfig
+from astcli.model.config import ModelConfig, with_scores
 from astcli.model.packing import PackedBatch
 from astcli.model.transformer import AudioTransformer
 
@@ -139,10 +139,11 @@ class OnnxBackend:
     """A packed graph from ``ast export --onnx`` run by ONNX Runtime.
 
     The configuration (labels, statistics, window, hop) comes from the file's metadata; ``labels`` replaces
-    the stored class names. Raises ``ModelError`` for a missing or foreign file or a waveform graph.
+    the stored class names and ``scores`` the stored score convention (``with_scores``). Raises ``ModelError``
+    for a missing or foreign file or a waveform graph.
     """
 
-    def __init__(self, path: str | Path, labels: list[str] | None = None, device=None):
+    def __init__(self, path: str | Path, labels: list[str] | None = None, device=None, scores: str | None = None):
         import onnxruntime as ort
 
         path = Path(path).expanduser()
@@ -167,6 +168,7 @@ class OnnxBackend:
             if len(labels) != self._config.num_classes:
                 raise ModelError(f"{len(labels)} labels given for a model with {self._config.num_classes} classes")
             self._config = dataclasses.replace(self._config, labels=tuple(labels))
+        self._config = with_scores(self._config, scores)
         self.name = str(path)
         self.precision = self.metadata.get("precision", "float32")
         self.device = torch.device("cuda" if on_gpu else "cpu")

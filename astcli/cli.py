@@ -45,6 +45,7 @@ DType = _choices("DType", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "jsonl", "json", "csv", "tsv", "audacity", "vtt", "srt"))
 Aggregate = _choices("Aggregate", ("mean", "max"))
 Quantize = _choices("Quantize", ("int8",))
+Scores = _choices("Scores", ("multi-label", "single-label"))
 Amp = _choices("Amp", ("auto", "bf16", "fp16", "off"))
 Arch = _choices("Arch", ("ast", "elastic"))
 Size = _choices("Size", ("tiny", "small", "base"))
@@ -78,6 +79,9 @@ _LABELS = typer.Option(None, "--labels", metavar="FILE",
                        help="Label file for bare checkpoints (CSV index,mid,display_name, JSON, "
                        "or one label per line).")
 _REVISION = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit) to pin.")
+_SCORES = typer.Option(None, "--scores", help="multi-label (a sigmoid per class) or single-label (softmax over "
+                       "the classes), instead of the model's own convention (bare checkpoints: multi-label for "
+                       "527 classes only). Stored with the model by export.")
 
 
 @app.command(
@@ -144,6 +148,7 @@ def tag(
     workers: int = typer.Option(1, "--workers", metavar="N", help="Threads decoding audio while the model runs."),
     progress: bool = typer.Option(False, "--progress", help="Show progress even when stderr is not a terminal "
                                   "(then a plain line every 5 s)."),
+    scores: Scores = _SCORES,
     list_models: bool = typer.Option(False, "--list-models", is_eager=True, help="List the model presets and exit."),
 ) -> None:
     if list_models:
@@ -154,13 +159,17 @@ def tag(
     from astcli.events import EventOptions
     from astcli.pipeline import TagOptions, expand_inputs, tag_files
     from astcli.tagger import load_ensemble
-    from astcli.writers import EVENT_FORMATS, format_for
+    from astcli.writers import EVENT_FORMATS, check_output, format_for
 
     if output and not fmt and format_for(output, False) != output.rsplit(".", 1)[-1].lower():
         warn(f"{output}: its extension names no format: writing JSON lines (--format chooses)")
     fmt = _value(fmt) or format_for(output, sys.stdout.isatty())
-    paths = expand_inputs(files, recursive, sys.stdin if "-" in files else None)
+    _check_tag_options(TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
+                                  threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers))
+    paths = expand_inputs(files, recursive, getattr(sys.stdin, "buffer", sys.stdin) if "-" in files else None)
     tracks = _track_folder(fmt, output, len(paths))
+    if output and not tracks:
+        check_output(output)
     event_options = None
     if events or plot is not None or fmt in EVENT_FORMATS:
         event_options = EventOptions(onset_threshold, offset_threshold, min_duration, max_gap)
@@ -169,7 +178,7 @@ def tag(
 
         require_matplotlib()
     tagger = load_ensemble(model or ["ast-audioset"], labels=labels, device=_value(device), dtype=_value(dtype),
-                           revision=revision, hop_ms=hop_ms)
+                           revision=revision, hop_ms=hop_ms, scores=_value(scores))
     if event_options is not None and class_thresholds:
         from dataclasses import replace
 
@@ -180,18 +189,17 @@ def tag(
     options = TagOptions(window_seconds=window, hop_seconds=hop, aggregate=_value(aggregate), top_k=top_k,
                          threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers,
                          events=event_options, plot_dir=plot)
+    bars: list = []  # the progress display, made once every check has passed
+    records = tag_files(tagger, paths, options, lambda seconds: bars[0].audio(seconds))  # options that do not
+    # fit the model fail here, before -o is opened
+    if not tagger.config.labels:
+        warn(f"{tagger.name} names no classes: they are numbered 0..{tagger.config.num_classes - 1}; "
+             "give their names with --labels FILE (CSV index,mid,display_name, JSON, or one per line)")
+    bars.append(bar := _TagProgress(paths, progress))
     stream = open(output, "w", encoding="utf-8", newline="") if output and not tracks else sys.stdout  # noqa: SIM115
-    failed = 0
     try:
-        with _TagProgress(paths, progress) as bar, closing(tag_files(tagger, paths, options, bar.audio)) as records:
-            writer = _writer(fmt, stream, paths, tracks, _table_layout(stream, bar, tagger.labels, timeline))
-            for record in records:
-                if record.get("error"):
-                    failed += 1
-                    bar.say(f"ast: {record['file']}: {record['error']}")
-                writer.write(record)
-                bar.file_done(record)
-            writer.close()
+        failed = _write_records(records, _writer(fmt, stream, paths, tracks,
+                                                 _table_layout(stream, bar, tagger.labels, timeline)), bar)
     except BrokenPipeError:
         _quiet_broken_pipe()
     finally:
@@ -212,6 +220,42 @@ def _table_layout(stream, bar, labels: list[str], timeline: bool) -> dict:
             layout["emit"] = lambda line: bar.console.print(line, markup=False, highlight=False, emoji=False,
                                                             soft_wrap=True)
     return layout
+
+
+def _check_tag_options(options) -> None:
+    """The checks of ``TagOptions`` that need no model (non-positive or non-finite lengths, counts), so that
+    they fail before a model loads; the pipeline repeats them with the model's own limits."""
+    import math
+
+    for name in ("window_seconds", "hop_seconds", "threshold"):
+        value = getattr(options, name)
+        if value is not None and not math.isfinite(value):
+            raise ParameterError(name, f"must be a finite number (got {value})")
+    for name in ("window_seconds", "hop_seconds", "batch_tokens", "workers"):
+        value = getattr(options, name)
+        if value is not None and value <= 0:
+            raise ParameterError(name, f"must be positive (got {value:g})")
+    if options.top_k < 0:
+        raise ParameterError("top_k", f"must be at least 0 (got {options.top_k})")
+
+
+def _write_records(records, writer, bar: _TagProgress) -> int:
+    """Write every record, saying failures and warnings on stderr (one line each); returns the failures."""
+    from astcli.writers import printable
+
+    failed = 0
+    with bar, closing(records):
+        for record in records:
+            name = printable(record["file"])
+            if record.get("error"):
+                failed += 1
+                bar.say(f"ast: {name}: {printable(record['error'])}")
+            if record.get("warning"):
+                bar.say(f"ast: warning: {name}: {printable(record['warning'])}")
+            writer.write(record)
+            bar.file_done(record)
+        writer.close()
+    return failed
 
 
 def _list_models() -> None:
@@ -544,6 +588,7 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute, for CUDAExecutionProvider "
                               "(inputs and outputs stay float32)."),
     quantize: Quantize = typer.Option(None, "--quantize", help="int8: dynamically quantized weights, for CPU."),
+    scores: Scores = _SCORES,
     with_features: bool = typer.Option(False, "--with-features", help="Take waveforms [clips, samples] at the "
                                        "model's sample rate instead of patches: fbank and patching in the graph."),
 ) -> None:
@@ -552,7 +597,7 @@ def export(
     from astcli.export import export_model
 
     report = export_model(model, output, labels=labels, revision=revision, hop_ms=hop_ms, opset=opset, fp16=fp16,
-                          quantize=_value(quantize), with_features=with_features)
+                          quantize=_value(quantize), with_features=with_features, scores=_value(scores))
     for line in report.lines():
         typer.echo(line)
 

@@ -212,8 +212,10 @@ def _check_destination(output: Path) -> None:
 
 def export_model(source: str | None, output: str | Path, *, labels=None, revision: str | None = None,
                  hop_ms: float | None = None, opset: int | None = None, fp16: bool = False,
-                 quantize: str | None = None, with_features: bool = False) -> ExportReport:
-    """``ast export --onnx``: load ``source`` as ``load_model`` does (on CPU) and export it.
+                 quantize: str | None = None, with_features: bool = False,
+                 scores: str | None = None) -> ExportReport:
+    """``ast export --onnx``: load ``source`` as ``load_model`` does (on CPU) and export it; ``scores``
+    (``"multi-label"`` / ``"single-label"``) replaces the model's score convention, stored in the metadata.
 
     Options are checked before the model is loaded, so mistakes fail fast.
     """
@@ -223,7 +225,7 @@ def export_model(source: str | None, output: str | Path, *, labels=None, revisio
     output = Path(output).expanduser()
     _check_destination(output)
     source = source or DEFAULT_MODEL
-    tagger = load_model(source, labels=labels, device="cpu", revision=revision, hop_ms=hop_ms)
+    tagger = load_model(source, labels=labels, device="cpu", revision=revision, hop_ms=hop_ms, scores=scores)
     return export_onnx(tagger, output, opset=opset, precision=precision, with_features=with_features)
 
 

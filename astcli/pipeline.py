@@ -9,6 +9,7 @@ stays bounded whatever the files' lengths.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -16,13 +17,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 import torch
 
-from astcli.audio import AUDIO_EXTENSIONS, stream_audio
+from astcli.audio import AUDIO_EXTENSIONS, read_path_list, stream_audio
 from astcli.errors import AstcliError, ParameterError
 from astcli.events import Event, EventOptions, EventTracker, default_event_windows
-from astcli.features import StreamingFbank
+from astcli.features import FRAME_LENGTH_MS, StreamingFbank
 from astcli.tagger import Tagger
 
 AGGREGATES = ("mean", "max")
@@ -58,16 +60,22 @@ class FileResult:
     events: list[Event] = field(default_factory=list)
     picture: Path | None = None
     error: str | None = None
+    warning: str | None = None  # something doubtful about a tagged file (it ended before its header said)
 
 
-def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: Iterable[str] | None = None) -> list[str]:
+def expand_inputs(inputs: Iterable[str], recursive: bool = False, stdin: IO | None = None) -> list[str]:
     """Files as given, directories expanded to their audio files (sorted; subfolders with ``recursive``),
-    and ``-`` replaced by the paths read from ``stdin``, one per line. Order is kept; a path that does not
-    exist stays in the list so that it gets its own error record."""
+    and ``-`` replaced by the paths read from ``stdin`` (``read_path_list``: one per line, BOM and CRLF
+    tolerated, bytes that are not UTF-8 kept). Order is kept; a path that does not exist stays in the list so
+    that it gets its own error record. Audio data on ``stdin`` is a UsageError."""
     out: list[str] = []
+    listed: list[str] | None = None
     for item in inputs:
         if item == "-":
-            out.extend(line.rstrip("\r\n") for line in (stdin or []) if line.strip())
+            if listed is None:
+                data = stdin.read() if stdin is not None else b""
+                listed = read_path_list(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
+            out.extend(listed)
         elif os.path.isdir(item):
             walk = Path(item).rglob("*") if recursive else Path(item).iterdir()
             found = sorted(str(p) for p in walk if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
@@ -123,7 +131,7 @@ class _FileState:
         mel, classes = t.config.num_mel_bins, t.config.num_classes
         self.features = StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.feature_hop_ms)
         self.windows = _Windows(pipeline.window_frames, pipeline.hop_frames, mel)
-        self.rows: list[tuple[int, torch.Tensor]] | None = [] if opts.timeline else None
+        self.rows: list[tuple[int, int, torch.Tensor]] | None = [] if opts.timeline else None
         self.sum = torch.zeros(classes, dtype=torch.float64)
         self.max = torch.zeros(classes)
         self.count = 0
@@ -155,13 +163,24 @@ class _FileState:
         self.max = torch.maximum(self.max, row) if self.count else row.clone()
         self.count += 1
         if self.rows is not None:
-            self.rows.append((start, row))
+            self.rows.append((start, length, row))
         if self.tracker is not None:
             self.events += self.tracker.add(start, length, row.numpy())
 
     def finish(self, duration: float) -> None:
         if self.tracker is not None:
             self.events += self.tracker.finish(self.features.num_frames, duration)
+
+
+def _frames(name: str, seconds: float, hop_ms: float, least: int, unit: str) -> int:
+    """``seconds`` in feature frames of ``hop_ms``; ParameterError ``name`` unless finite and at least ``least``
+    frames (``unit`` names that least length)."""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
+        raise ParameterError(name, f"must be a positive number of seconds (got {seconds})")
+    frames = round(seconds * 1000.0 / hop_ms)
+    if frames < least:
+        raise ParameterError(name, f"{seconds:g} is shorter than {unit} ({least * hop_ms / 1000:g} s)")
+    return frames
 
 
 def _reason(message: str, path: str) -> str:
@@ -185,15 +204,15 @@ class Pipeline:
                               hop_seconds=options.hop_seconds or hop)
             self.options = options
         if options.window_seconds is not None:
-            self.window_frames = max(1, round(options.window_seconds * 1000.0 / hop_ms))
-            if config.pads_to_window and self.window_frames > config.max_frames:
-                raise ParameterError("window_seconds", f"{options.window_seconds:g} is longer than this AST model's "
-                                     f"trained window ({config.max_frames * hop_ms / 1000:g} s)")
+            self.window_frames = _frames("window_seconds", options.window_seconds, hop_ms, config.patch_size,
+                                         "one patch")
+            if self.window_frames > config.max_frames:
+                what = "trained window" if config.pads_to_window else "time table (the longest audio it scores)"
+                raise ParameterError("window_seconds", f"{options.window_seconds:g} is longer than this model's "
+                                     f"{what}: {config.max_frames * hop_ms / 1000:g} s")
         self.hop_frames = self.window_frames
         if options.hop_seconds is not None:
-            if options.hop_seconds <= 0:
-                raise ParameterError("hop_seconds", "must be positive")
-            self.hop_frames = max(1, round(options.hop_seconds * 1000.0 / hop_ms))
+            self.hop_frames = _frames("hop_seconds", options.hop_seconds, hop_ms, 1, "one feature frame")
         self.batch_tokens = options.batch_tokens or tagger.default_batch_tokens
         for name, value, least in (("batch_tokens", self.batch_tokens, 1), ("workers", options.workers, 1),
                                    ("top_k", options.top_k, 0)):
@@ -230,12 +249,11 @@ class Pipeline:
                 break
             index, path = job
             try:
-                samples = 0
-                for block in stream_audio(path, self.tagger.sample_rate, self.options.block_seconds):
-                    samples += len(block)
+                stream = stream_audio(path, self.tagger.sample_rate, self.options.block_seconds)
+                for block in stream:
                     if not put(("block", index, block)):
                         return
-                put(("end", index, samples))
+                put(("end", index, (stream.samples, stream.finish())))
             except AstcliError as exc:
                 put(("error", index, _reason(str(exc), path)))
             except Exception as exc:  # a file must never take the run down with it
@@ -319,7 +337,8 @@ class Pipeline:
         state = states.get(index) or states.setdefault(index, _FileState(self))
         if kind == "block":
             return state.cut(payload)
-        results[index].duration = payload / self.tagger.sample_rate  # "end": the last, partial windows
+        samples, results[index].warning = payload  # "end": the last, partial windows
+        results[index].duration = samples / self.tagger.sample_rate
         finished.add(index)
         return state.end()
 
@@ -354,11 +373,12 @@ class Pipeline:
         aggregate = self.options.aggregate or ("max" if multi else "mean")
         result.overall = state.max if aggregate == "max" else (state.sum / max(state.count, 1)).float()
         result.events = sorted(state.events, key=lambda e: (e.start, e.index))
+        if not torch.isfinite(result.overall).all():
+            result.error = "the model gave non-finite scores for this audio"
+            return result
         if state.rows is not None:
-            result.window_scores = torch.stack([r for _, r in state.rows])
-            size = self.window_frames * self.frame_seconds
-            result.spans = [(s * self.frame_seconds, min(s * self.frame_seconds + size, result.duration))
-                            for s, _ in state.rows]
+            result.window_scores = torch.stack([r for _, _, r in state.rows])
+            result.spans = [self._span(start, frames, result.duration) for start, frames, _ in state.rows]
         if self.options.plot_dir is not None:
             result.picture = self._draw(result, state)
         return result
@@ -373,6 +393,21 @@ class Pipeline:
                     duration=result.duration, spectrogram=state.spectrogram, frame_seconds=self.frame_seconds,
                     activity=state.activity, cell_seconds=self.hop_frames * self.frame_seconds,
                     events=[self._event(e) for e in result.events], labels=self.tagger.labels)
+
+    def _span(self, start: int, frames: int, duration: float) -> tuple[float, float]:
+        """Seconds (start, end) of a window of ``frames`` frames from frame ``start``: its whole length, cut at
+        the file's end; where the model sees fewer frames (an ElasticAST window cut to whole patches), the end
+        of the last frame it sees."""
+        f, seen = self.frame_seconds, self._seen(frames)
+        if seen == frames:
+            return start * f, min((start + self.window_frames) * f, duration)
+        return start * f, min((start + seen - 1) * f + FRAME_LENGTH_MS / 1000, duration)
+
+    def _seen(self, frames: int) -> int:
+        """Frames of a ``frames``-frame window that reach the model: all of them for AST (padded to its window);
+        ElasticAST cuts a window to whole patches (one patch at least, zero-padded)."""
+        patch = self.tagger.config.patch_size
+        return frames if self.tagger.config.pads_to_window or frames < patch else frames // patch * patch
 
     # -- records --------------------------------------------------------------------------------------------
 
@@ -391,6 +426,8 @@ class Pipeline:
             return {"file": result.file, "error": result.error}
         record = {"file": result.file, "duration": round(result.duration, 3), "tags": self._tags(result.overall),
                   "error": None}
+        if result.warning:
+            record["warning"] = result.warning
         if self.options.timeline:
             record["segments"] = [{"start": round(a, 3), "end": round(b, 3), "tags": self._tags(row)}
                                   for (a, b), row in zip(result.spans, result.window_scores, strict=True)]
@@ -405,8 +442,13 @@ class Pipeline:
 
 def tag_files(tagger: Tagger, paths: list[str], options: TagOptions | None = None,
               on_audio: Callable[[float], None] | None = None) -> Iterator[dict]:
-    """Records (dicts in the documented schema) for ``paths``, in order, one per path."""
+    """Records (dicts in the documented schema) for ``paths``, in order, one per path. Options that do not fit
+    raise ``ParameterError`` here, before any file is opened."""
     pipeline = Pipeline(tagger, options or TagOptions())
+    return _records(pipeline, paths, on_audio)
+
+
+def _records(pipeline: Pipeline, paths: list[str], on_audio: Callable[[float], None] | None) -> Iterator[dict]:
     with closing(pipeline.run(paths, on_audio)) as results:
         for result in results:
             yield pipeline.record(result)

@@ -130,11 +130,18 @@ class Tagger:
         return torch.stack(scores).mean(0)
 
     def clip_features(self, waveforms: list[torch.Tensor], sample_rate: int = 16000) -> list[torch.Tensor]:
-        """Raw fbank ``[frames, mel]`` of each waveform, resampled to the model's rate first if needed."""
-        if sample_rate != self.sample_rate:
-            from astcli.audio import resample
+        """Raw fbank ``[frames, mel]`` of each waveform, resampled to the model's rate first if needed.
 
+        The rules of ``ast tag`` hold: ``AudioError`` naming the clip (``clip 2: ...``) for a sample that is
+        not finite or lies beyond +-MAX_SAMPLE, or for audio shorter than one 25 ms frame at the model's rate."""
+        from astcli.audio import check_samples, require_frame, resample
+
+        for i, w in enumerate(waveforms):
+            check_samples(w, f"clip {i}")
+        if sample_rate != self.sample_rate:
             waveforms = [resample(w, sample_rate, self.sample_rate) for w in waveforms]
+        for i, w in enumerate(waveforms):
+            require_frame(w.shape[-1], self.sample_rate, f"clip {i}")
         return [self.features(w) for w in waveforms]
 
     def predict(self, waveforms: list[torch.Tensor], sample_rate: int = 16000,
@@ -151,37 +158,40 @@ class Tagger:
         return self.backends[0].save(directory)
 
 
-def _backends(source: str, labels, device, dtype, revision: str | None) -> list[Backend]:
+def _backends(source: str, labels, device, dtype, revision: str | None, scores: str | None) -> list[Backend]:
     """The backends ``source`` names: each member of an ensemble preset, else one."""
     preset = get_preset(source)
     if preset is not None and preset.members:
-        return [b for m in preset.members for b in _backends(m, labels, device, dtype, None)]
+        return [b for m in preset.members for b in _backends(m, labels, device, dtype, None, scores)]
     source, revision = preset_source(source, revision)
     if Path(source).suffix == ".onnx":
         if dtype is not None and resolve_dtype(dtype) != torch.float32:
             raise ParameterError("dtype", f"{dtype} applies to PyTorch models: {source} is an ONNX graph and runs in "
                                  "the precision it was exported in (export it with fp16 for a float16 graph)")
-        return [OnnxBackend(source, labels=labels, device=device)]
-    model = load_transformer(source, labels, revision)
+        return [OnnxBackend(source, labels=labels, device=device, scores=scores)]
+    model = load_transformer(source, labels, revision, scores=scores)
     return [TorchBackend(model, device=device, dtype=dtype, name=source)]
 
 
 def load_model(source: str | Path = DEFAULT_MODEL, *, labels=None, device=None, dtype=None,
-               revision: str | None = None, hop_ms: float | None = None) -> Tagger:
+               revision: str | None = None, hop_ms: float | None = None, scores: str | None = None) -> Tagger:
     """A ``Tagger`` for a preset name (an ensemble preset gives several backends), hub id, model directory,
     checkpoint file or exported ``.onnx`` file.
 
     ``labels`` is a list of names or a label file (``index,mid,display_name`` CSV, JSON, one per line), needed
     for bare checkpoints. ``device``: ``"auto"``/None (CUDA when available), ``"cpu"``, ``"cuda"``; ``dtype``:
-    float32, bfloat16 or float16 (PyTorch models); ``hop_ms``: the feature hop (ElasticAST only).
+    float32, bfloat16 or float16 (PyTorch models); ``hop_ms``: the feature hop (ElasticAST only); ``scores``:
+    ``"multi-label"`` (sigmoid per class) or ``"single-label"`` (softmax over classes) instead of the model's
+    own convention (SCORE_CONVENTIONS; a bare checkpoint's default is multi-label for 527 classes only).
     """
-    return load_ensemble([str(source)], labels=labels, device=device, dtype=dtype, revision=revision, hop_ms=hop_ms)
+    return load_ensemble([str(source)], labels=labels, device=device, dtype=dtype, revision=revision, hop_ms=hop_ms,
+                         scores=scores)
 
 
 def load_ensemble(sources: list[str], *, labels=None, device=None, dtype=None, revision: str | None = None,
-                  hop_ms: float | None = None) -> Tagger:
+                  hop_ms: float | None = None, scores: str | None = None) -> Tagger:
     """One ``Tagger`` over every model that ``sources`` name (``--model`` given repeatedly); probabilities are
     averaged when there are several."""
     names = read_labels(labels) if isinstance(labels, (str, Path)) else labels
-    backends = [b for s in sources for b in _backends(str(s), names, device, dtype, revision)]
+    backends = [b for s in sources for b in _backends(str(s), names, device, dtype, revision, scores)]
     return Tagger(backends, hop_ms=hop_ms, name="+".join(str(s) for s in sources))

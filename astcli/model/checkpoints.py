@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from astcli import files
 from astcli.errors import ModelError, UsageError
-from astcli.model.config import DEFAULT_STATS, ModelConfig
+from astcli.model.config import DEFAULT_STATS, ModelConfig, with_scores
 from astcli.model.hub import hub_snapshot
 from astcli.model.presets import get_preset
 from astcli.model.transformer import AudioTransformer
@@ -475,11 +475,13 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], origin: str
     return model.eval()
 
 
-def load_transformer(source: str | Path, labels=None, revision: str | None = None) -> AudioTransformer:
+def load_transformer(source: str | Path, labels=None, revision: str | None = None,
+                     scores: str | None = None) -> AudioTransformer:
     """The PyTorch model behind ``source`` (single-model preset, hub id, model directory or checkpoint file),
     on the CPU in float32 and eval mode: what training and export start from.
 
-    ``labels`` (names, or a label file as ``read_labels`` reads it) names the classes of a bare checkpoint.
+    ``labels`` (names, or a label file as ``read_labels`` reads it) names the classes of a bare checkpoint;
+    ``scores`` (``"multi-label"`` / ``"single-label"``) replaces the model's score convention (``with_scores``).
     An ``.onnx`` file is a ``UsageError`` (a graph holds no trainable model); unreadable or unknown sources
     are ``ModelError``.
     """
@@ -488,4 +490,4 @@ def load_transformer(source: str | Path, labels=None, revision: str | None = Non
         raise UsageError(f"{source}: an ONNX model cannot be fine-tuned; give the PyTorch model it was exported from")
     names = read_labels(labels) if isinstance(labels, (str, Path)) else labels
     config, state = load_checkpoint(model_path(source, revision), names)
-    return build_model(config, state, origin=source)
+    return build_model(with_scores(config, scores), state, origin=source)

@@ -11,6 +11,20 @@ from astcli.errors import ParameterError
 FAMILIES = ("ast", "elastic")
 POOLINGS = ("cls_dist", "cls", "attention", "mean")
 
+# The score conventions a caller may choose (``scores=``): sigmoid per class, or softmax over the classes.
+SCORE_CONVENTIONS = {"multi-label": True, "single-label": False}
+
+
+def with_scores(config: ModelConfig, scores: str | None) -> ModelConfig:
+    """``config`` with the score convention ``scores`` (a SCORE_CONVENTIONS key; None keeps the model's own,
+    stored as ``multi_label``); ParameterError ``scores`` for another value."""
+    if scores is None:
+        return config
+    if scores not in SCORE_CONVENTIONS:
+        raise ParameterError("scores", f"must be one of {', '.join(SCORE_CONVENTIONS)} (got {scores!r})")
+    return dataclasses.replace(config, multi_label=SCORE_CONVENTIONS[scores])
+
+
 # Fields that must be above zero (every size, count, rate and scale)
 _POSITIVE = ("dim", "depth", "heads", "mlp_dim", "patch_size", "freq_stride", "time_stride", "num_mel_bins",
              "max_frames", "num_classes", "sample_rate", "hop_ms", "layer_norm_eps", "std")
