@@ -74,6 +74,7 @@ def test_cli_choices_are_the_library_choices():
     from astcli import cli
     from astcli.backends import DEVICES, DTYPES
     from astcli.export import QUANTIZE
+    from astcli.model.config import SCORE_CONVENTIONS
     from astcli.pipeline import AGGREGATES
     from astcli.train.models import ARCHS, INITS, SIZES
     from astcli.train.optimization import AMP_MODES
@@ -81,7 +82,7 @@ def test_cli_choices_are_the_library_choices():
 
     pairs = [(cli.Device, DEVICES), (cli.DType, tuple(DTYPES)), (cli.Format, FORMATS + EVENT_FORMATS),
              (cli.Aggregate, AGGREGATES), (cli.Quantize, QUANTIZE), (cli.Amp, AMP_MODES), (cli.Arch, ARCHS),
-             (cli.Size, SIZES), (cli.Init, INITS)]
+             (cli.Size, SIZES), (cli.Init, INITS), (cli.Scores, tuple(SCORE_CONVENTIONS))]
     for choice, values in pairs:
         assert tuple(c.value for c in choice) == tuple(values), choice
 

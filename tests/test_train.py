@@ -299,6 +299,15 @@ def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
     assert err.count("warning: 2 unreadable clip(s) skipped") == 1 and "skipping" not in err
 
 
+def test_clips_shorter_than_one_frame_are_not_trained_on(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=4, seed=6, kinds=KINDS[:2])
+    sf.write(data / "tone" / "click.wav", np.full(200, 0.5, np.float32), 16000)  # 12.5 ms: no analysis frame
+    result = experiment.train(str(data), tmp_path / "ast", arch="ast", size="tiny", init="none", model_options=TINY,
+                              epochs=1, lr=1e-3, batch_size=4, window=64, val_fraction=0.2, num_workers=0)
+    assert result.runs[0].bad_clips == 1
+    assert "too short: 200 samples" in capsys.readouterr().err
+
+
 # -- resume --------------------------------------------------------------------------------------------
 
 RUNNER = textwrap.dedent("""
