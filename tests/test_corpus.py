@@ -92,7 +92,7 @@ def test_good_scores_do_not_depend_on_their_neighbours(corpus, model_dir, capsys
                                   monkeypatch)
             mixed = {t["index"]: t["score"] for t in together[os.fsencode(case.arg)]["tags"]}
             single = {t["index"]: t["score"] for t in _strict(alone)["tags"]}
-            assert max(abs(mixed[i] - single[i]) for i in single) <= 1e-6, case.kind
+            assert max(abs(mixed[i] - single[i]) for i in single) <= 1e-6 + 1e-12, case.kind
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "tsv", "table"])
