@@ -364,10 +364,13 @@ class _TagProgress:
 
 
 def _header_seconds(path: str) -> float:
-    """A file's duration from its header; 0 when it cannot be read (the run reports the file's error)."""
+    """A file's duration from its header; 0 when it cannot be read (the run reports the file's error) and for
+    anything but a regular file: a pipe or FIFO must reach the decoder with no byte read before it."""
     from astcli.audio import audio_info
     from astcli.errors import AudioError
 
+    if not os.path.isfile(path):
+        return 0.0
     try:
         return audio_info(path).duration
     except AudioError:

@@ -265,3 +265,13 @@ def test_help_shows_placeholders_not_python_types(command):
     if command == "tag":
         assert "Usage: ast tag [OPTIONS] [FILES]..." in text
         assert re.search(r"-m, --model MODEL +Model to use", text) and re.search(r"--window SECONDS +Window", text)
+
+
+def test_progress_reads_no_header_from_a_fifo(tmp_path):
+    """The progress total skips pipes and FIFOs: opening one would block or eat the bytes the decoder needs."""
+    fifo = tmp_path / "stream.wav"
+    os.mkfifo(fifo)
+    script = f"from astcli.cli import _header_seconds; print(_header_seconds({str(fifo)!r}))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0.0"
