@@ -15,7 +15,7 @@ from contextlib import closing
 import typer
 
 from astcli import __version__, keep_freed_memory
-from astcli.console import warn
+from astcli.console import route_audio_warnings, warn
 from astcli.errors import AstcliError, DatasetError, ModelError, ParameterError, UsageError
 
 app = typer.Typer(
@@ -108,8 +108,8 @@ def tag(
                                  help="Window length in seconds (default: the model's; with --events 1 s for "
                                  "ElasticAST, the trained window for AST)."),
     hop: float = typer.Option(None, "--hop", metavar="SECONDS",
-                              help="Seconds between window starts (default: the window; with --events a quarter "
-                              "window). Smaller values overlap windows."),
+                              help="Seconds between window starts (default: the window; with --events 1/3 s for "
+                              "ElasticAST, a quarter window for AST). Smaller values overlap windows."),
     hop_ms: float = typer.Option(None, "--hop-ms", metavar="MS",
                                  help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
                                  "fewer tokens and faster tagging)."),
@@ -159,7 +159,7 @@ def tag(
     from astcli.events import EventOptions
     from astcli.pipeline import TagOptions, expand_inputs, tag_files
     from astcli.tagger import load_ensemble
-    from astcli.writers import EVENT_FORMATS, check_output, format_for
+    from astcli.writers import EVENT_FORMATS, check_folder, check_output, format_for
 
     if output and not fmt and format_for(output, False) != output.rsplit(".", 1)[-1].lower():
         warn(f"{output}: its extension names no format: writing JSON lines (--format chooses)")
@@ -168,8 +168,8 @@ def tag(
                                   threshold=threshold, timeline=timeline, batch_tokens=batch_tokens, workers=workers))
     paths = expand_inputs(files, recursive, getattr(sys.stdin, "buffer", sys.stdin) if "-" in files else None)
     tracks = _track_folder(fmt, output, len(paths))
-    if output and not tracks:
-        check_output(output)
+    if output:
+        (check_folder if tracks else check_output)(output)
     event_options = None
     if events or plot is not None or fmt in EVENT_FORMATS:
         event_options = EventOptions(onset_threshold, offset_threshold, min_duration, max_gap)
@@ -642,6 +642,7 @@ def main() -> None:
     Errors of the option parser (an unknown option, a value outside an option's choices) get the same one line;
     ``ast`` alone prints the help."""
     keep_freed_memory()
+    route_audio_warnings()
     try:
         code = app(prog_name="ast", standalone_mode=False)
     except _PARSE_ERROR as exc:

@@ -22,6 +22,28 @@ def note(message: str) -> None:
     print(f"ast: {message}", file=sys.stderr, flush=True)
 
 
+def route_audio_warnings() -> None:
+    """Show the library's ``AudioWarning`` (a truncated file: decoding stopped before the header's length) as
+    one ``ast: warning:`` line, once per message in a process, instead of Python's two-line warning with a
+    source line; other warnings keep Python's display. The command-line tool calls this once at its start
+    (DataLoader workers inherit it)."""
+    import warnings
+
+    from astcli.errors import AudioWarning
+
+    shown: set[str] = set()
+    python_display = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, AudioWarning):
+            return python_display(message, category, filename, lineno, file, line)
+        if str(message) not in shown:
+            shown.add(str(message))
+            warn(str(message))
+
+    warnings.showwarning = show
+
+
 def warn_once(message: Callable[[str], str], quiet: bool = False) -> Callable[[str], None]:
     """A reporter ``report(detail)`` that warns ``message(detail)`` at its first call and is silent after
     (silent from the start when ``quiet``)."""

@@ -319,12 +319,15 @@ class EventTracker:
 def default_event_windows(family: str, trained_window_seconds: float) -> tuple[float, float]:
     """(window, hop) in seconds for event detection when none are given.
 
-    ElasticAST runs at native length, so short windows cost only their own tokens: 1 s windows every 0.25 s
-    (each moment is seen by four windows: about 4x the tokens of plain tagging, 0.25 s time resolution).
+    ElasticAST runs at native length, so short windows cost only their own tokens: 1 s windows every 1/3 s
+    (each moment is seen by three windows: about 3x the tokens of plain tagging; onsets to within half a hop,
+    1/6 s, with a classifier that scores a window by the event covering half of it). Every 0.25 s would cost
+    a third more model time, which on 2 CPU cores is the difference between above and below 50x real time
+    for ElasticAST-tiny (docs/benchmarks.md).
     AST only knows its trained window (shorter input is padded to it, so a shorter window saves nothing):
     that window every quarter window (10.24 s every 2.56 s for AudioSet models: 4x the cost of plain tagging,
     2.56 s resolution).
     """
     if family == "elastic":
-        return 1.0, 0.25
+        return 1.0, 1.0 / 3.0
     return trained_window_seconds, trained_window_seconds / 4

@@ -53,6 +53,20 @@ def check_output(path: str) -> None:
         raise ParameterError("output", f"{printable(path)}: permission denied")
 
 
+def check_folder(path: str) -> None:
+    """Raise ParameterError (parameter ``output``) unless ``path`` is, or could be made, a writable folder (its
+    missing parents are made too): run before the model loads, like :func:`check_output`."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ParameterError("output", f"{printable(path)} is a file, not a folder for one track per input")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ParameterError("output", f"{printable(path)}: {printable(existing)} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ParameterError("output", f"{printable(path)}: permission denied")
+
+
 def printable(text: str) -> str:
     """``text`` on one line for a terminal, losslessly: backslashes, control characters and undecodable bytes
     (surrogateescape) become ``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\xNN`` (a byte) or ``\\uNNNN`` (a C1 control
@@ -193,14 +207,14 @@ class TableWriter(Writer):
         name = printable(record["file"])
         name = _keep_end(name, self.file_width) if self.fit else name  # off a terminal a name is never cut
         if record.get("error"):
-            self._row(name, "", "error: " + printable(record["error"]), "", wrap=False)
+            self._message(name, "error: " + printable(record["error"]))
         else:
             self._tags(name, _number(record["duration"], 3), record["tags"])
             for segment in record.get("segments", []):
                 span = f"  {_number(segment['start'], 3)}-{_number(segment['end'], 3)}"
                 self._tags(span, "", segment["tags"])
         if record.get("warning"):
-            self._row("", "", "warning: " + printable(record["warning"]), "", wrap=False)
+            self._message("", "warning: " + printable(record["warning"]))
         self.stream.flush()
 
     def _tags(self, name: str, seconds: str, tags: list[dict]) -> None:
@@ -208,18 +222,26 @@ class TableWriter(Writer):
             self._row(name if i == 0 else "", seconds if i == 0 else "", printable(tag["label"]),
                       _number(tag["score"], 3))
 
-    def _row(self, name: str, seconds: str, label: str, score: str, wrap: bool = True) -> None:
+    def _row(self, name: str, seconds: str, label: str, score: str) -> None:
         import textwrap
 
-        lines = textwrap.wrap(label, self.label_width, break_on_hyphens=False) if wrap and label else [label]
+        lines = textwrap.wrap(label, self.label_width, break_on_hyphens=False) if label else [label]
         first = f"{name:<{self.file_width}}{self.GAP}{seconds:>{self.SECONDS}}{self.GAP}"
-        if not wrap:
-            self.emit((first + label).rstrip())
-            return
         self.emit(f"{first}{lines[0]:<{self.label_width}}{self.GAP}{score:>{self.SCORE}}".rstrip())
-        indent = " " * len(first)
         for more in lines[1:]:
-            self.emit(indent + more)
+            self.emit(" " * len(first) + more)
+
+    def _message(self, name: str, text: str) -> None:
+        """An error or warning in the label and score columns: wrapped at words on a terminal, one line
+        otherwise (so that grep finds it whole)."""
+        import textwrap
+
+        first = f"{name:<{self.file_width}}{self.GAP}{'':>{self.SECONDS}}{self.GAP}"
+        room = self.label_width + len(self.GAP) + self.SCORE
+        lines = textwrap.wrap(text, room, break_on_hyphens=False, break_long_words=True) if self.fit else [text]
+        self.emit((first + lines[0]).rstrip())
+        for more in lines[1:]:
+            self.emit(" " * len(first) + more)
 
 
 def _keep_end(text: str, width: int) -> str:

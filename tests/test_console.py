@@ -99,3 +99,25 @@ def test_parser_errors_are_one_line(args, message, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert info.value.code == 2 and out == ""
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_audio_warnings_become_one_line_once(capsys):
+    import warnings
+
+    from astcli.console import route_audio_warnings
+    from astcli.errors import AudioWarning
+
+    before = warnings.showwarning
+    try:
+        route_audio_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            for _ in range(2):
+                warnings.warn("cut.wav: decoding stopped after 0.5 s of the 2.000 s the header declares", AudioWarning,
+                              stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = before
+    err = capsys.readouterr().err
+    assert err.count("ast: warning: cut.wav: decoding stopped after 0.5 s") == 1
+    assert "AudioWarning" not in err and "ast: warning: something else" not in err  # others: Python's display

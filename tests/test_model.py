@@ -236,6 +236,21 @@ def test_inference_linear_matches_training_linear(dtype):
         assert model.float()(batch).dtype == torch.bfloat16
 
 
+def test_fused_gelu_matches_linear_then_gelu():
+    """Inference fuses the MLP's GELU into its first matrix product; the values are those of F.gelu(F.linear)."""
+    torch.manual_seed(0)
+    layer = transformer.Linear(24, 96)
+    x = torch.randn(5, 7, 24) * 3
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fused = transformer.linear_gelu(x, layer)
+    expected = F.gelu(F.linear(x, layer.weight, layer.bias)).detach()
+    torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-6)
+    if transformer._ONEDNN:
+        assert any("linear_pointwise" in e.name for e in prof.events())
+    with torch.enable_grad():  # training keeps the autograd ops
+        assert transformer.linear_gelu(x, layer).grad_fn is not None
+
+
 @pytest.mark.parametrize("offset", [0.0, 4.0])
 def test_attention_by_head_matches_sdpa(offset):
     """The bfloat16 CPU attention (one 2-D product per head) against float32 SDPA on the same inputs: as

@@ -82,7 +82,8 @@ def thresholds_for(segments: list[dict]) -> tuple[float, float]:
 
 
 def test_events_match_an_independent_computation_from_window_scores(elastic_dir, scene, capsys, monkeypatch):
-    _, out, _ = run_cli(["tag", scene, "-m", elastic_dir, "--timeline", "-k", "0", "--window", "1", "--hop", "0.25",
+    # the --events defaults for ElasticAST: 1 s windows every 1/3 s (33 frames of 10 ms)
+    _, out, _ = run_cli(["tag", scene, "-m", elastic_dir, "--timeline", "-k", "0", "--window", "1", "--hop", "0.33",
                          "-f", "jsonl"], capsys, monkeypatch)
     timeline = jsonl(out)[0]
     on, off = thresholds_for(timeline["segments"])
@@ -91,7 +92,7 @@ def test_events_match_an_independent_computation_from_window_scores(elastic_dir,
     record = jsonl(out)[0]
     assert code == 0 and record["tags"] and record["events"]
     got = [(e["index"], e["start"], e["end"], e["score"]) for e in record["events"]]
-    expected = oracle_events(timeline["segments"], 0.25, record["duration"], on, off)
+    expected = oracle_events(timeline["segments"], 0.33, record["duration"], on, off)
     assert [g[:3] for g in got] == [(c, pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6)) for c, a, b, _ in
                                     expected]
     assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], abs=2e-6)
@@ -204,3 +205,16 @@ def test_event_usage_errors_exit_2_before_any_output(extra, message, elastic_dir
                                                                          else [])], capsys, monkeypatch)
     assert code == 2 and out == "" and message in err and "Traceback" not in err
     assert out_file.read_text(encoding="utf-8") == "old\n"
+
+
+@pytest.mark.parametrize("target", ["file", "under-file"])
+def test_track_folder_checked_before_the_model_loads(target, scene, tmp_path, capsys, monkeypatch):
+    """-o for one track per input must be a folder that can be made; a bad one is refused before the model
+    loads (the model here does not exist, so a later check would report the model instead)."""
+    blocker = tmp_path / "taken.txt"
+    blocker.write_text("keep\n", encoding="utf-8")
+    output = blocker if target == "file" else blocker / "tracks"
+    code, out, err = run_cli(["tag", scene, scene, "-m", str(tmp_path / "no-model"), "-f", "vtt", "-o", str(output)],
+                             capsys, monkeypatch)
+    assert code == 2 and out == "" and "is a file, not a folder" in err and "no-model" not in err
+    assert blocker.read_text(encoding="utf-8") == "keep\n"

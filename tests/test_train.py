@@ -122,6 +122,8 @@ def test_recipes_carry_the_paper_defaults_and_take_overrides():
     scratch = recipe_for("my-sounds", pretrained="none", size="tiny")
     assert (scratch.name, scratch.optimizer, scratch.lr, scratch.weight_decay, scratch.loss) == (
         "scratch", "adamw", 1e-4, 0.05, "ce")
+    assert (scratch.batch_size, scratch.freqm, scratch.timem, scratch.token_dropout, scratch.clip_grad) == (
+        16, 0, 0, 0.0, 1.0)
     assert [recipe_for("x", pretrained="none", size=s).lr for s in ("small", "base")] == [5e-5, 2.5e-5]
     assert recipe_for("esc50", pretrained="none").name == "esc50"  # a published recipe stays
     changed = esc.replace(lr=3e-4, epochs=3, mixup=None)

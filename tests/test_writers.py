@@ -158,3 +158,19 @@ def test_output_paths_are_checked_before_anything_is_written(tmp_path):
         with pytest.raises(ParameterError) as caught:
             check_output(str(path))
         assert caught.value.parameter == "output" and problem in caught.value.problem
+
+
+def test_table_messages_wrap_at_words_on_a_terminal_and_stay_whole_off_it():
+    message = "not a recognised audio format (libsndfile: Format not recognised); try ffmpeg -i FILE out.wav"
+    record = {"file": "recordings/field/broken.wav", "duration": None, "tags": [], "error": message}
+    lines = []
+    writer = make_writer("table", io.StringIO(), names=[record["file"]], labels=["Speech"], width=60,
+                         emit=lines.append)
+    writer.write(record)
+    body = lines[1:]
+    assert len(body) > 1 and all(len(line) <= 59 for line in body)
+    words = " ".join(line.strip() for line in body).split()
+    assert words[0] == record["file"] and " ".join(words[1:]) == "error: " + message  # no word cut in two
+    stream = io.StringIO()
+    make_writer("table", stream, names=[record["file"]]).write(record)
+    assert stream.getvalue().splitlines()[1].endswith("error: " + message)
