@@ -4,8 +4,8 @@
 
 1. A labelled event set built here: 8 classes (5 synthetic: beep, chirp, knock, siren, buzz; 3 espeak-ng
    words: "stop", "seven", "hello") plus background. Training clips are 1 s of coloured noise (the default
-   `--events` window); a clip of a class holds at least half a second of one event of it, or all of it when
-   the event is shorter; background clips hold noise, or noise with part of an event (0.02-0.4 s) at an edge. A
+   `--events` window), labelled by the event at the clip's centre; background clips hold noise, or an event
+   that ends before the centre or starts after it. A
    tiny ElasticAST (12 blocks) is trained on them from scratch with the default recipe and sigmoid outputs:
    `ast train --arch elastic --size tiny --init none --loss bce`. Test files are 60 s of noise whose level
    drifts, with events (0.4-3 s, words at their spoken length) mixed in at known onsets, 5-20 dB above the
@@ -116,12 +116,11 @@ def word_bank(rng: np.random.Generator, scratch: Path, count: int) -> dict[str, 
 
 
 def training_set(folder: Path, per_class: int, seed: int = 0) -> Path:
-    """Class folders of 1-s clips (the default `--events` window) of noise. A clip of a class holds at least
-    half a second of one event of that class, or all of it when the event is shorter: the labelling rule
-    that makes the mean of overlapping windows cross 0.5 where the event starts (docs/events.md).
-    ``background`` (twice as many clips) holds noise only (a quarter) or noise with part of an event at one
-    edge (0.02-0.4 s of it, never all of it), so that windows that only reach into an event learn to score
-    low for its class."""
+    """Class folders of 1-s clips (the default `--events` window) of noise, labelled by the event at the clip's
+    centre: a clip of a class has an event of that class covering its centre (however little else of the
+    clip it covers), which makes the mean of overlapping windows cross 0.5 where an event starts
+    (docs/events.md). ``background`` (twice as many clips) holds noise only (a quarter) or noise with an event
+    that ends before the centre or starts after it (up to 0.48 s of it inside the clip)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     words = word_bank(rng, folder, 30)
@@ -136,14 +135,11 @@ def training_set(folder: Path, per_class: int, seed: int = 0) -> Path:
                 length = len(sound) / RATE
                 canvas = noise(rng, 2.0 + length)  # the event lies at [1 s, 1 s + length]
                 mix(canvas, sound, RATE, rng)
-                if kind == "background":  # the clip ends `edge` s into the event or starts `edge` s before its end
-                    edge = rng.uniform(0.02, min(0.4, 0.8 * length))
-                    start = edge if i % 2 == 1 else 1.0 + length - edge
-                else:  # event onset at `at` seconds into the clip, overlap >= min(0.5 s, length)
-                    need = min(0.5, length)
-                    at = rng.uniform(need - length, 1.0 - need)
-                    start = 1.0 - at
-                first = round(start * RATE)
+                if kind == "background":  # the event starts after the centre, or ends before it
+                    at = rng.uniform(0.52, 0.98) if i % 2 == 1 else rng.uniform(0.02, 0.48) - length
+                else:  # the event covers the centre: onset at `at` seconds into the clip
+                    at = rng.uniform(0.5 - length, 0.5)
+                first = round((1.0 - at) * RATE)
                 clip = canvas[first : first + RATE]
             peak = max(1.0, float(np.abs(clip).max()))
             sf.write(folder / kind / f"{kind}{i:04d}.wav", (clip / peak).astype(np.float32), RATE)
