@@ -197,7 +197,7 @@ class TableWriter(Writer):
             room = width - 1 - self.SECONDS - self.SCORE - 3 * len(self.GAP)
             label = min(label, max(self.LABEL_MIN, room - file, room // 2), max(8, room - 12))
             file = max(8, min(file, room - label))
-        self.file_width, self.label_width, self.fit = file, label, width is not None
+        self.file_width, self.label_width, self.fit, self.width = file, label, width is not None, width
         self.header = False
 
     def write(self, record: dict) -> None:
@@ -232,12 +232,12 @@ class TableWriter(Writer):
             self.emit(" " * len(first) + more)
 
     def _message(self, name: str, text: str) -> None:
-        """An error or warning in the label and score columns: wrapped at words on a terminal, one line
-        otherwise (so that grep finds it whole)."""
+        """An error or warning after the name: wrapped at words to the terminal's width (at least the label and
+        score columns), one line off a terminal (so that grep finds it whole)."""
         import textwrap
 
         first = f"{name:<{self.file_width}}{self.GAP}{'':>{self.SECONDS}}{self.GAP}"
-        room = self.label_width + len(self.GAP) + self.SCORE
+        room = max(self.label_width + len(self.GAP) + self.SCORE, (self.width or 0) - 1 - len(first))
         lines = textwrap.wrap(text, room, break_on_hyphens=False, break_long_words=True) if self.fit else [text]
         self.emit((first + lines[0]).rstrip())
         for more in lines[1:]:
