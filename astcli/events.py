@@ -321,9 +321,9 @@ def default_event_windows(family: str, trained_window_seconds: float) -> tuple[f
 
     ElasticAST runs at native length, so short windows cost only their own tokens: 1 s windows every 1/3 s
     (each moment is seen by three windows: about 3x the tokens of plain tagging; onsets to within half a hop,
-    1/6 s, with a classifier that scores a window by the event covering half of it). Every 0.25 s would cost
-    a third more model time, which on 2 CPU cores is the difference between above and below 50x real time
-    for ElasticAST-tiny (docs/benchmarks.md).
+    1/6 s, with a classifier that scores a window by the event at its centre: docs/events.md). Every 0.25 s
+    would cost a third more model time, which on 2 CPU cores is the difference between above and below 50x
+    real time for ElasticAST-tiny (docs/benchmarks.md).
     AST only knows its trained window (shorter input is padded to it, so a shorter window saves nothing):
     that window every quarter window (10.24 s every 2.56 s for AudioSet models: 4x the cost of plain tagging,
     2.56 s resolution).

@@ -197,7 +197,7 @@ class TableWriter(Writer):
             room = width - 1 - self.SECONDS - self.SCORE - 3 * len(self.GAP)
             label = min(label, max(self.LABEL_MIN, room - file, room // 2), max(8, room - 12))
             file = max(8, min(file, room - label))
-        self.file_width, self.label_width, self.fit, self.width = file, label, width is not None, width
+        self.file_width, self.label_width, self.width = file, label, width
         self.header = False
 
     def write(self, record: dict) -> None:
@@ -205,7 +205,8 @@ class TableWriter(Writer):
             self._row("file", "seconds", "label", "score")
             self.header = True
         name = printable(record["file"])
-        name = _keep_end(name, self.file_width) if self.fit else name  # off a terminal a name is never cut
+        terminal = self.width is not None
+        name = _keep_end(name, self.file_width) if terminal else name  # off a terminal a name is never cut
         if record.get("error"):
             self._message(name, "error: " + printable(record["error"]))
         else:
@@ -238,7 +239,10 @@ class TableWriter(Writer):
 
         first = f"{name:<{self.file_width}}{self.GAP}{'':>{self.SECONDS}}{self.GAP}"
         room = max(self.label_width + len(self.GAP) + self.SCORE, (self.width or 0) - 1 - len(first))
-        lines = textwrap.wrap(text, room, break_on_hyphens=False, break_long_words=True) if self.fit else [text]
+        if self.width is None:
+            lines = [text]
+        else:
+            lines = textwrap.wrap(text, room, break_on_hyphens=False, break_long_words=True)
         self.emit((first + lines[0]).rstrip())
         for more in lines[1:]:
             self.emit(" " * len(first) + more)
