@@ -44,6 +44,7 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))
 DType = _choices("DType", ("float32", "bfloat16", "float16"))
 Format = _choices("Format", ("table", "jsonl", "json", "csv", "tsv", "audacity", "vtt", "srt"))
 Aggregate = _choices("Aggregate", ("mean", "max"))
+Activity = _choices("Activity", ("mean", "centre"))
 Quantize = _choices("Quantize", ("int8",))
 Scores = _choices("Scores", ("multi-label", "single-label"))
 Amp = _choices("Amp", ("auto", "bf16", "fp16", "off"))
@@ -136,6 +137,9 @@ def tag(
                                        help="Drop events shorter than this."),
     max_gap: float = typer.Option(0.0, "--max-gap", metavar="SECONDS",
                                   help="Merge events of a class at most this far apart."),
+    activity: Activity = typer.Option("mean", "--activity", help="A moment's activity from the windows over it: "
+                                      "their mean, or the window centred on it (for models trained to score a "
+                                      "window by the event at its centre; keeps short events)."),
     class_thresholds: str = typer.Option(None, "--class-thresholds", metavar="FILE", help="Per-class thresholds: "
                                          "CSV with header label,onset[,offset], or JSON {label: onset or [onset, "
                                          "offset]}."),
@@ -172,7 +176,8 @@ def tag(
         (check_folder if tracks else check_output)(output)
     event_options = None
     if events or plot is not None or fmt in EVENT_FORMATS:
-        event_options = EventOptions(onset_threshold, offset_threshold, min_duration, max_gap)
+        event_options = EventOptions(onset_threshold, offset_threshold, min_duration, max_gap,
+                                     activity=_value(activity))
     if plot is not None:
         from astcli.plot import require_matplotlib
 

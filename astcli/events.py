@@ -4,13 +4,18 @@ How events are made, in three streaming stages (each keeps only a window's worth
 not grow with the length of the audio):
 
 1. ``ActivityGrid`` puts window scores on a fixed time grid of ``step`` frames (the window hop): the activity
-   of a cell ``[k*step, (k+1)*step)`` is the mean of the scores of every window that covers the cell's centre.
-   Windows arrive in start order; a cell is final once no later window can cover it.
+   of a cell ``[k*step, (k+1)*step)`` is the mean of the scores of every window that covers the cell's centre
+   (``"mean"``), or of those among them whose own centre is nearest to it (``"centre"``: with windows one
+   hop apart, the one window centred on the cell). Windows arrive in start order; a cell is final once no
+   later window can cover it.
 2. ``EventDetector`` applies, per class, hysteresis to the activity: an event opens at the first cell whose
    activity reaches the onset threshold and closes at the first cell whose activity falls below the offset
-   threshold (``offset <= onset``; equal thresholds are a plain threshold). Two events of a class separated by
-   at most ``max_gap`` seconds are merged into one; then events shorter than ``min_duration`` are dropped.
-   An event's score is its peak: the highest cell activity inside it.
+   threshold (``offset <= onset``; equal thresholds are a plain threshold). Its onset (offset) is the time at
+   which the activity, read as samples at the cell centres joined by straight lines, crosses the onset
+   (offset) threshold: within half a cell of the cell that opened (closed) it, and finer than the grid when
+   the scores rise over several windows. Two events of a class separated by at most ``max_gap`` seconds are
+   merged into one; then events shorter than ``min_duration`` are dropped. An event's score is its peak: the
+   highest cell activity inside it.
 3. Events come out as soon as they can no longer change (closed, and further than ``max_gap`` behind the
    newest cell), so an event that spans a block boundary is one event, found once.
 
@@ -43,13 +48,19 @@ class Event:
     score: float
 
 
+ACTIVITY_RULES = ("mean", "centre")
+
+
 @dataclass(frozen=True)
 class EventOptions:
     """Per-class decision rules (seconds and probabilities).
 
     ``onset_threshold`` / ``offset_threshold`` (default: half the onset threshold) apply to every class;
     ``class_thresholds`` maps a class index to its own ``(onset, offset)``. ``min_duration`` and ``max_gap``
-    are seconds. Values that cannot work raise ``ParameterError`` naming the field.
+    are seconds. ``activity`` is how window scores become a cell's activity (``ActivityGrid``): ``"mean"``
+    suits models that score a window by any event inside it (clip-level labels, e.g. AudioSet); ``"centre"``
+    suits models taught to score a window by the event at its centre, and keeps events shorter than the
+    window (docs/events.md). Values that cannot work raise ``ParameterError`` naming the field.
     """
 
     onset_threshold: float = 0.5
@@ -57,6 +68,7 @@ class EventOptions:
     min_duration: float = 0.0
     max_gap: float = 0.0
     class_thresholds: dict[int, tuple[float, float]] | None = None
+    activity: str = "mean"
 
     def __post_init__(self) -> None:
         on, off = self.onset_threshold, self.offset
@@ -67,6 +79,8 @@ class EventOptions:
         for name, value in (("min_duration", self.min_duration), ("max_gap", self.max_gap)):
             if not (math.isfinite(value) and value >= 0):
                 raise ParameterError(name, f"must be a number of seconds >= 0 (got {value:g})")
+        if self.activity not in ACTIVITY_RULES:
+            raise ParameterError("activity", f"must be one of {', '.join(ACTIVITY_RULES)} (got {self.activity!r})")
 
     @property
     def offset(self) -> float:
@@ -140,20 +154,27 @@ def _csv_rows(text: str) -> list[tuple[str, float, float | None]]:
 
 
 class ActivityGrid:
-    """Window scores -> per-cell activity on a grid of ``step`` frames (mean of the windows covering a cell's
-    centre). Feed windows in start order with ``add``; ``finish(total_frames)`` closes the grid.
+    """Window scores -> per-cell activity on a grid of ``step`` frames. ``rule`` ``"mean"``: the mean of the
+    windows covering a cell's centre; ``"centre"``: the mean of those covering windows whose centre is nearest
+    to the cell's (ties happen when the window is an even number of hops long). Feed windows in start order
+    with ``add``; ``finish(total_frames)`` closes the grid.
 
     State: one row ``[classes]`` of sums per cell that a window seen so far covers and that a later window
     may still cover, i.e. about ``window / step`` rows.
     """
 
-    def __init__(self, step: int, num_classes: int):
+    def __init__(self, step: int, num_classes: int, rule: str = "mean"):
         if step < 1:
             raise ParameterError("step", f"must be at least 1 frame (got {step})")
+        if rule not in ACTIVITY_RULES:
+            raise ParameterError("activity", f"must be one of {', '.join(ACTIVITY_RULES)} (got {rule!r})")
         self.step = step
+        self.rule = rule
         self.first = 0  # index of the first cell not yet returned
         self.sums = np.zeros((0, num_classes))
         self.counts = np.zeros(0)
+        self.distance = np.zeros(0, dtype=np.int64)  # "centre": twice the frames from the cell's centre to the
+        # centre of the windows in its sum
 
     def _cells(self, start: int, end: int) -> tuple[int, int]:
         """Cells ``[a, b)`` whose centre ``(k + 0.5) * step`` lies in frames ``[start, end)``."""
@@ -168,8 +189,15 @@ class ActivityGrid:
         if a < self.first:
             raise ParameterError("start", "windows must come in start order")
         self._grow(b)
-        self.sums[a - self.first : b - self.first] += scores
-        self.counts[a - self.first : b - self.first] += 1
+        rows = np.arange(a, b) - self.first
+        if self.rule == "centre":  # keep only the windows whose centre is nearest to the cell's
+            distance = np.abs((2 * np.arange(a, b) + 1) * self.step - (2 * start + length))
+            nearer = rows[distance < self.distance[rows]]
+            self.sums[nearer], self.counts[nearer] = 0.0, 0
+            self.distance[rows] = np.minimum(distance, self.distance[rows])
+            rows = rows[distance == self.distance[rows]]
+        self.sums[rows] += scores
+        self.counts[rows] += 1
         return self._take(a)  # later windows start at or after ``start``: no cell before ``a`` changes
 
     def finish(self, total_frames: int) -> tuple[int, np.ndarray]:
@@ -182,12 +210,14 @@ class ActivityGrid:
         if extra > 0:
             self.sums = np.concatenate([self.sums, np.zeros((extra, self.sums.shape[1]))])
             self.counts = np.concatenate([self.counts, np.zeros(extra)])
+            self.distance = np.concatenate([self.distance, np.full(extra, np.iinfo(np.int64).max)])
 
     def _take(self, end: int) -> tuple[int, np.ndarray]:
         n = max(0, min(end - self.first, len(self.counts)))
         first = self.first
         activity = self.sums[:n] / np.maximum(self.counts[:n], 1)[:, None]
-        self.sums, self.counts, self.first = self.sums[n:], self.counts[n:], first + n
+        self.sums, self.counts, self.distance = self.sums[n:], self.counts[n:], self.distance[n:]
+        self.first = first + n
         return first, activity
 
 
@@ -195,21 +225,25 @@ class EventDetector:
     """Per-class hysteresis, gap merging and minimum duration over activity cells fed in blocks.
 
     ``push(activity)`` takes the next cells ``[n, classes]`` and returns the events that can no longer change;
-    ``finish()`` returns the rest. Cells are ``cell_seconds`` long and start at 0; ``duration`` (seconds),
-    when given to ``finish``, clips the last event's end. Events of one call are sorted by (start, index).
-    State per class: whether an event is open, its onset and peak, and one closed event awaiting a merge.
+    ``finish()`` returns the rest. Cells are ``cell_seconds`` long and start at 0; the activity of cell ``k``
+    is taken as its value at the cell's centre, ``(k + 0.5) * cell_seconds``, and onsets and offsets are
+    where the straight line between two neighbouring centres crosses the threshold (an event already on in
+    the first cell starts at 0; one still on after the last cell ends there). ``duration`` (seconds), when
+    given to ``finish``, clips the last event's end. Events of one call are sorted by (start, index).
+    State per class: whether an event is open, its onset time and peak, the previous cell's activity, and
+    one closed event awaiting a merge.
     """
 
     def __init__(self, num_classes: int, cell_seconds: float, options: EventOptions | None = None):
         self.options = options or EventOptions()
         self.on, self.off = self.options.thresholds(num_classes)
         self.cell_seconds = cell_seconds
-        self.gap_cells = self.options.max_gap / cell_seconds
         self.next_cell = 0
         self.active = np.zeros(num_classes, dtype=bool)
-        self.onset = np.zeros(num_classes, dtype=np.int64)
+        self.onset = np.zeros(num_classes)  # seconds
         self.peak = np.zeros(num_classes)
-        self.held: dict[int, tuple[int, int, float]] = {}  # class -> closed (onset, offset, peak) awaiting a merge
+        self.previous = np.zeros(num_classes)  # the activity of cell ``next_cell - 1``
+        self.held: dict[int, tuple[float, float, float]] = {}  # class -> closed (onset, offset, peak) in seconds
         self.end: float | None = None  # the audio's duration, once ``finish`` knows it
 
     def push(self, activity: np.ndarray) -> list[Event]:
@@ -220,19 +254,23 @@ class EventDetector:
             return []
         state = self._hysteresis(activity)
         before = np.concatenate([self.active[None], state[:-1]])
+        earlier = np.concatenate([self.previous[None], activity[:-1]])  # each cell's predecessor
         base = self.next_cell
         starts = {int(c): 0 for c in np.flatnonzero(self.active)}  # class -> first cell of its event in the block
         out: list[Event] = []
         for cell, cls in zip(*(i.tolist() for i in np.nonzero(state != before)), strict=True):
             if state[cell, cls]:
-                self._open(cls, base + cell, out)
+                self._open(cls, self._crossing(base + cell, earlier[cell, cls], activity[cell, cls], self.on[cls]),
+                           out)
                 starts[cls] = cell
             else:
                 self.peak[cls] = activity[starts.pop(cls) : cell, cls].max(initial=self.peak[cls])
-                self.held[cls] = (int(self.onset[cls]), base + cell, float(self.peak[cls]))
+                offset = self._crossing(base + cell, earlier[cell, cls], activity[cell, cls], self.off[cls])
+                self.held[cls] = (float(self.onset[cls]), offset, float(self.peak[cls]))
         for cls, first in starts.items():
             self.peak[cls] = activity[first:, cls].max(initial=self.peak[cls])
         self.active = state[-1].copy()
+        self.previous = activity[-1].copy()
         self.next_cell = base + n
         out += self._release(self.next_cell)
         return sorted(out, key=lambda e: (e.start, e.index))
@@ -241,29 +279,40 @@ class EventDetector:
         """Close open events after the last cell and return every remaining event; ``duration`` (seconds)
         clips the ends (the last cell may reach past the audio)."""
         for cls in np.flatnonzero(self.active).tolist():
-            self.held[cls] = (int(self.onset[cls]), self.next_cell, float(self.peak[cls]))
+            self.held[cls] = (float(self.onset[cls]), self.next_cell * self.cell_seconds, float(self.peak[cls]))
         self.active[:] = False
         self.end = duration
         return sorted(self._release(None), key=lambda e: (e.start, e.index))
 
-    def _open(self, cls: int, cell: int, out: list[Event]) -> None:
+    def _crossing(self, cell: int, before: float, value: float, threshold: float) -> float:
+        """Seconds at which the line from the centre of ``cell - 1`` (activity ``before``) to the centre of
+        ``cell`` (``value``) crosses ``threshold``; the hysteresis guarantees it lies between the two. An
+        onset in the first cell has no earlier centre and is placed at 0."""
+        if cell == 0:
+            return 0.0
+        share = float((threshold - before) / (value - before))
+        return (cell - 0.5 + min(max(share, 0.0), 1.0)) * self.cell_seconds
+
+    def _open(self, cls: int, onset: float, out: list[Event]) -> None:
         """An onset: merge with the held event of the class when the gap is short enough, else start anew."""
         held = self.held.pop(cls, None)
-        if held is not None and (cell - held[1]) <= self.gap_cells + 1e-9:
+        if held is not None and onset - held[1] <= self.options.max_gap + 1e-9:
             self.onset[cls], self.peak[cls] = held[0], held[2]
             return
         if held is not None:
             out += self._final(cls, *held)
-        self.onset[cls], self.peak[cls] = cell, 0.0
+        self.onset[cls], self.peak[cls] = onset, 0.0
 
     def _release(self, now: int | None) -> list[Event]:
-        """Held events that no later onset can merge with any more (all of them when ``now`` is None)."""
-        done = [cls for cls, (_, off, _) in self.held.items() if now is None or now - off > self.gap_cells + 1e-9]
+        """Held events that no later onset can merge with any more (all of them when ``now`` is None): an
+        onset in cell ``now`` or later lies after the centre of cell ``now - 1``."""
+        earliest = None if now is None else (now - 0.5) * self.cell_seconds
+        done = [cls for cls, (_, off, _) in self.held.items()
+                if earliest is None or earliest - off > self.options.max_gap + 1e-9]
         return [e for cls in done for e in self._final(cls, *self.held.pop(cls))]
 
-    def _final(self, cls: int, onset: int, offset: int, peak: float) -> list[Event]:
+    def _final(self, cls: int, start: float, end: float, peak: float) -> list[Event]:
         """The event, or nothing when it is shorter than ``min_duration``."""
-        start, end = onset * self.cell_seconds, offset * self.cell_seconds
         if self.end is not None:
             end = min(end, self.end)
         if end - start < self.options.min_duration - 1e-9 or end <= start:
@@ -299,8 +348,8 @@ class EventTracker:
 
     def __init__(self, num_classes: int, step_frames: int, frame_seconds: float,
                  options: EventOptions | None = None, on_cells=None):
-        self.grid = ActivityGrid(step_frames, num_classes)
         self.detector = EventDetector(num_classes, step_frames * frame_seconds, options)
+        self.grid = ActivityGrid(step_frames, num_classes, self.detector.options.activity)
         self.on_cells = on_cells
 
     def _feed(self, cells: tuple[int, np.ndarray]) -> list[Event]:

@@ -14,43 +14,54 @@ from astcli.errors import ParameterError
 from astcli.events import ActivityGrid, Event, EventDetector, EventOptions, detect_events, read_class_thresholds
 
 
-def naive_grid(windows: list[tuple[int, int, np.ndarray]], step: int, total: int) -> np.ndarray:
-    """Oracle: for each cell, the mean of the windows whose span holds the cell's centre (float arithmetic)."""
+def naive_grid(windows: list[tuple[int, int, np.ndarray]], step: int, total: int, rule: str = "mean") -> np.ndarray:
+    """Oracle: for each cell, the mean of the windows whose span holds the cell's centre, or with ``"centre"``
+    of those among them whose centre is nearest to the cell's (float arithmetic)."""
     cells = -(-total // step)
     out = np.zeros((cells, len(windows[0][2]) if windows else 1))
     for k in range(cells):
         centre = (k + 0.5) * step
-        covering = [s for start, length, s in windows if start <= centre < start + length]
+        covering = [(abs(start + length / 2 - centre), s) for start, length, s in windows
+                    if start <= centre < start + length]
+        if rule == "centre" and covering:
+            nearest = min(d for d, _ in covering)
+            covering = [(d, s) for d, s in covering if d == nearest]
         if covering:
-            out[k] = np.mean(covering, axis=0)
+            out[k] = np.mean([s for _, s in covering], axis=0)
     return out
 
 
 def naive_events(track: np.ndarray, cell: float, on: float, off: float, min_cells: int, gap_cells: int,
                  duration: float | None = None) -> list[tuple[float, float, float]]:
-    """Oracle for one class: a cell-by-cell state machine, then gap merging, then the minimum length."""
-    segments, active, begin = [], False, 0
+    """Oracle for one class: a cell-by-cell state machine whose onsets and offsets are placed where the line
+    between two cell centres crosses the threshold, then gap merging, then the minimum length."""
+
+    def crossing(t: int, threshold: float) -> float:
+        if t == 0:
+            return 0.0
+        return (t - 0.5 + (threshold - track[t - 1]) / (track[t] - track[t - 1])) * cell
+
+    segments, active = [], False
     for t, a in enumerate(track):
         if not active and a >= on:
-            active, begin = True, t
+            active, begin, onset = True, t, crossing(t, on)
         elif active and a < off:
             active = False
-            segments.append([begin, t])
+            segments.append([onset, crossing(t, off), begin, t])
     if active:
-        segments.append([begin, len(track)])
-    merged: list[list[int]] = []
-    for s, e in segments:
-        if merged and s - merged[-1][1] <= gap_cells:
-            merged[-1][1] = e
+        segments.append([onset, len(track) * cell, begin, len(track)])
+    merged: list[list] = []
+    for segment in segments:
+        if merged and segment[0] - merged[-1][1] <= gap_cells * cell + 1e-9:
+            merged[-1][1], merged[-1][3] = segment[1], segment[3]
         else:
-            merged.append([s, e])
+            merged.append(segment)
     out = []
-    for s, e in merged:
-        start, end = s * cell, e * cell
+    for start, end, first, last in merged:
         if duration is not None:
             end = min(end, duration)
         if end > start and end - start >= min_cells * cell - 1e-9:
-            out.append((round(start, 6), round(end, 6), round(float(track[s:e].max()), 6)))
+            out.append((round(start, 6), round(end, 6), round(float(track[first:last].max()), 6)))
     return out
 
 
@@ -77,19 +88,33 @@ def test_grid_means_the_windows_covering_each_cell_centre():
     assert first == 1 and cells[:, 0].tolist() == [0.5, 0.5, 0.5, 0.0, 0.0]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 7), st.integers(1, 30), st.integers(1, 12), st.integers(0, 80), st.integers(0, 2**31))
-def test_grid_matches_the_oracle(step, size, hop, extra, seed):
+def test_the_centre_rule_takes_the_window_centred_on_each_cell():
+    # 6-frame windows every 2 frames, cells of 2 frames: window j (centre 2j + 3) is centred on cell j + 1
+    grid = ActivityGrid(step=2, num_classes=1, rule="centre")
+    parts = [grid.add(2 * j, 6, np.array([float(j)])) for j in range(4)] + [grid.finish(12)]
+    cells = np.concatenate([c for _, c in parts])[:, 0]
+    # cell 0 (centre 1) is covered by window 0 only; cell 5 (centre 11) by window 3 only
+    assert cells.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 3.0]
+    # an even number of hops per window: two windows are equally near, and their mean is taken
+    grid = ActivityGrid(step=2, num_classes=1, rule="centre")
+    parts = [grid.add(2 * j, 8, np.array([float(j)])) for j in range(3)] + [grid.finish(12)]
+    assert np.concatenate([c for _, c in parts])[:, 0].tolist() == [0.0, 0.0, 0.5, 1.5, 2.0, 2.0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 30), st.integers(1, 12), st.integers(0, 80), st.integers(0, 2**31),
+       st.sampled_from(["mean", "centre"]))
+def test_grid_matches_the_oracle(step, size, hop, extra, seed, rule):
     rng = np.random.default_rng(seed)
     total = size + extra
     starts = list(range(0, max(1, total - size + 1), hop))
     windows = [(s, min(size, total - s), rng.random(3)) for s in starts]
-    grid = ActivityGrid(step, 3)
+    grid = ActivityGrid(step, 3, rule)
     parts = [grid.add(s, n, scores) for s, n, scores in windows] + [grid.finish(total)]
     firsts = [f for f, _ in parts]
     got = np.concatenate([c for _, c in parts])
     assert firsts == [sum(len(c) for _, c in parts[:i]) for i in range(len(parts))]  # contiguous, in order
-    np.testing.assert_allclose(got, naive_grid(windows, step, total), atol=1e-12)
+    np.testing.assert_allclose(got, naive_grid(windows, step, total, rule), atol=1e-12)
 
 
 def test_grid_rejects_windows_out_of_order():
@@ -104,23 +129,46 @@ def test_grid_rejects_windows_out_of_order():
 TRACK = np.array([0.0, 0.6, 0.4, 0.2, 0.1, 0.7, 0.9, 0.2, 0.0, 0.0])[:, None]
 
 
+# Cell k's activity sits at its centre, 0.1 * (k + 0.5) s. Onsets and offsets by hand, thresholds 0.5 / 0.25:
+# up 0.0 -> 0.6 (cells 0-1): 0.05 + 0.1 * 0.5/0.6 = 0.13333; down 0.4 -> 0.2 (cells 2-3): 0.25 + 0.1 * 0.75 = 0.325
+# up 0.1 -> 0.7 (cells 4-5): 0.45 + 0.1 * 0.4/0.6 = 0.51667; down 0.9 -> 0.2 (cells 6-7): 0.65 + 0.1 * 0.65/0.7
+FIRST, SECOND = (0.133333, 0.325, 0.6), (0.516667, 0.742857, 0.9)
+
+
+def spans(events: list[Event]) -> list[tuple[float, float, float]]:
+    return [(e.start, e.end, e.score) for e in events]
+
+
 def test_hysteresis_holds_an_event_between_the_thresholds():
-    # 0.4 is below the onset (0.5) but not below the offset (0.25): the first event lasts two cells
-    assert detect_events(TRACK, 0.1) == [Event(0, 0.1, 0.3, 0.6), Event(0, 0.5, 0.7, 0.9)]
-    # a plain threshold (offset = onset) ends it at 0.4
-    assert detect_events(TRACK, 0.1, EventOptions(0.5, 0.5)) == [Event(0, 0.1, 0.2, 0.6), Event(0, 0.5, 0.7, 0.9)]
+    # 0.4 is below the onset (0.5) but not below the offset (0.25): the first event lasts past cell 2
+    assert spans(detect_events(TRACK, 0.1)) == [FIRST, SECOND]
+    # a plain threshold (offset = onset) ends it between cells 1 and 2: 0.15 + 0.1 * 0.1/0.2 = 0.2
+    assert spans(detect_events(TRACK, 0.1, EventOptions(0.5, 0.5))) == [(0.133333, 0.2, 0.6),
+                                                                         (0.516667, 0.707143, 0.9)]
 
 
 def test_gap_merging_and_minimum_duration():
-    assert detect_events(TRACK, 0.1, EventOptions(max_gap=0.1)) == [Event(0, 0.1, 0.3, 0.6), Event(0, 0.5, 0.7, 0.9)]
-    assert detect_events(TRACK, 0.1, EventOptions(max_gap=0.2)) == [Event(0, 0.1, 0.7, 0.9)]
+    # the gap is 0.51667 - 0.325 = 0.19 s; the events last 0.19 s and 0.23 s
+    assert spans(detect_events(TRACK, 0.1, EventOptions(max_gap=0.15))) == [FIRST, SECOND]
+    assert spans(detect_events(TRACK, 0.1, EventOptions(max_gap=0.2))) == [(0.133333, 0.742857, 0.9)]
     assert detect_events(TRACK, 0.1, EventOptions(min_duration=0.25)) == []
-    assert detect_events(TRACK, 0.1, EventOptions(min_duration=0.25, max_gap=0.2)) == [Event(0, 0.1, 0.7, 0.9)]
+    assert spans(detect_events(TRACK, 0.1, EventOptions(min_duration=0.25, max_gap=0.2))) == [(0.133333, 0.742857,
+                                                                                                0.9)]
+
+
+def test_onsets_lie_between_cell_centres_where_the_activity_crosses():
+    # a ramp over several cells puts the onset between the grid's lines: 0.5 is crossed 1/4 of the way
+    # from the centre of cell 2 (0.4) to the centre of cell 3 (0.8), at 1 s cells: 2.5 + 0.25 = 2.75 s
+    track = np.array([0.0, 0.2, 0.4, 0.8, 0.8, 0.0])[:, None]
+    assert spans(detect_events(track, 1.0)) == [(2.75, 5.0 - 0.5 + 0.55 / 0.8, 0.8)]
+    # an event already on in the first cell starts at 0
+    assert spans(detect_events(np.array([[0.9], [0.0]]), 1.0)) == [(0.0, round(0.5 + 0.65 / 0.9, 6), 0.9)]
 
 
 def test_an_event_open_at_the_end_closes_at_the_duration():
     track = np.array([0.0, 0.0, 0.8, 0.9])[:, None]
-    assert detect_events(track, 0.5, duration=1.8) == [Event(0, 1.0, 1.8, 0.9)]
+    # onset 0.75 + 0.5 * 0.5/0.8; the event is on after the last cell, so it ends at the audio's end
+    assert detect_events(track, 0.5, duration=1.8) == [Event(0, 1.0625, 1.8, 0.9)]
 
 
 def test_an_event_across_block_boundaries_is_one_event():
@@ -130,7 +178,9 @@ def test_an_event_across_block_boundaries_is_one_event():
     track[60:62, 1] = 0.8
     track[64:66, 1] = 0.8  # a 2-cell gap, merged with max_gap 0.2
     options = EventOptions(max_gap=0.2)
-    expected = [Event(0, 1.0, 9.0, 0.9), Event(1, 6.0, 6.6, 0.8)]
+    # class 0: up 0 -> 0.9 at cell 10, down 0.9 -> 0 at cell 90; class 1: 6.0125-6.21875 and 6.4125-6.61875
+    expected = [Event(0, round(0.95 + 0.1 * 0.5 / 0.9, 6), round(8.95 + 0.1 * 0.65 / 0.9, 6), 0.9),
+                Event(1, 6.0125, 6.61875, 0.8)]
     for block in (1, 3, 7, 50, 100):
         assert sorted(stream(track, 0.1, options, [block] * (100 // block)), key=lambda e: (e.start, e.index)) \
             == expected
@@ -138,9 +188,11 @@ def test_an_event_across_block_boundaries_is_one_event():
 
 def test_events_come_out_once_they_can_no_longer_change():
     detector = EventDetector(1, 1.0, EventOptions(max_gap=2.0))
-    assert detector.push(np.array([[0.9], [0.0]])) == []  # closed at 1 s, but an onset at 2 s would merge
-    assert detector.push(np.array([[0.0]])) == []  # ... and one at 3 s too
-    assert detector.push(np.array([[0.0]])) == [Event(0, 0.0, 1.0, 0.9)]  # the next onset is 3 s after: final
+    # closed at 0.5 + 0.65/0.9 = 1.22 s, but an onset in cell 2 (after 1.5 s) could merge
+    assert detector.push(np.array([[0.9], [0.0]])) == []
+    assert detector.push(np.array([[0.0]])) == []  # ... and one in cell 3 (after 2.5 s) too
+    # an onset in cell 4 lies after 3.5 s, more than 2 s after: final
+    assert detector.push(np.array([[0.0]])) == [Event(0, 0.0, 1.222222, 0.9)]
 
 
 @st.composite
@@ -186,6 +238,8 @@ def test_options_reject_impossible_values():
         EventOptions(min_duration=-1)
     with pytest.raises(ParameterError, match="max_gap"):
         EventOptions(max_gap=float("nan"))
+    with pytest.raises(ParameterError, match="activity"):
+        EventOptions(activity="median")
     assert EventOptions(0.6).offset == 0.3
 
 
@@ -200,7 +254,8 @@ def test_class_thresholds_from_csv_and_json(tmp_path):
 def test_per_class_thresholds_apply_to_their_class_only():
     track = np.array([[0.0, 0.0], [0.6, 0.6], [0.0, 0.0]])
     options = EventOptions(0.5, class_thresholds={1: (0.7, 0.3)})
-    assert detect_events(track, 1.0, options) == [Event(0, 1.0, 2.0, 0.6)]
+    # class 0 crosses 0.5 at 0.5 + 0.5/0.6 s and 0.25 at 1.5 + 0.35/0.6 s; class 1 never reaches 0.7
+    assert detect_events(track, 1.0, options) == [Event(0, 1.333333, 2.083333, 0.6)]
 
 
 @pytest.mark.parametrize(("text", "problem"), [
