@@ -123,7 +123,7 @@ def training_set(folder: Path, per_class: int, seed: int = 0) -> Path:
     that ends before the centre or starts after it (up to 0.48 s of it inside the clip)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    words = word_bank(rng, folder, 30)
+    words = word_bank(rng, folder, 60)
     for kind in (*CLASSES, "background"):
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class * (2 if kind == "background" else 1)):
