@@ -264,11 +264,11 @@ class EventDetector:
                            out)
                 starts[cls] = cell
             else:
-                self.peak[cls] = activity[starts.pop(cls) : cell, cls].max(initial=self.peak[cls])
+                self.peak[cls] = np.fmax.reduce(activity[starts.pop(cls) : cell, cls], initial=self.peak[cls])
                 offset = self._crossing(base + cell, earlier[cell, cls], activity[cell, cls], self.off[cls])
                 self.held[cls] = (float(self.onset[cls]), offset, float(self.peak[cls]))
         for cls, first in starts.items():
-            self.peak[cls] = activity[first:, cls].max(initial=self.peak[cls])
+            self.peak[cls] = np.fmax.reduce(activity[first:, cls], initial=self.peak[cls])
         self.active = state[-1].copy()
         self.previous = activity[-1].copy()
         self.next_cell = base + n
@@ -291,7 +291,8 @@ class EventDetector:
         if cell == 0:
             return 0.0
         share = float((threshold - before) / (value - before))
-        return (cell - 0.5 + min(max(share, 0.0), 1.0)) * self.cell_seconds
+        share = min(max(share, 0.0), 1.0) if math.isfinite(share) else 1.0  # a NaN score before: the centre
+        return (cell - 0.5 + share) * self.cell_seconds
 
     def _open(self, cls: int, onset: float, out: list[Event]) -> None:
         """An onset: merge with the held event of the class when the gap is short enough, else start anew."""

@@ -165,6 +165,12 @@ def test_onsets_lie_between_cell_centres_where_the_activity_crosses():
     assert spans(detect_events(np.array([[0.9], [0.0]]), 1.0)) == [(0.0, round(0.5 + 0.65 / 0.9, 6), 0.9)]
 
 
+def test_a_nan_score_holds_the_state_and_leaves_times_and_scores_finite():
+    # NaN decides nothing (the state holds); an onset right after it is placed at its cell's centre
+    assert detect_events(np.array([[0.0], [np.nan], [0.9], [0.9], [0.0]]), 1.0) == [Event(0, 2.5, 4.222222, 0.9)]
+    assert detect_events(np.array([[0.0], [0.9], [np.nan], [0.0]]), 1.0) == [Event(0, 1.055556, 3.5, 0.9)]
+
+
 def test_an_event_open_at_the_end_closes_at_the_duration():
     track = np.array([0.0, 0.0, 0.8, 0.9])[:, None]
     # onset 0.75 + 0.5 * 0.5/0.8; the event is on after the last cell, so it ends at the audio's end
