@@ -213,6 +213,10 @@ class Pipeline:
         self.hop_frames = self.window_frames
         if options.hop_seconds is not None:
             self.hop_frames = _frames("hop_seconds", options.hop_seconds, hop_ms, 1, "one feature frame")
+        if options.events is not None and options.hop_seconds > options.window_seconds + 1e-9:
+            raise ParameterError("hop_seconds", f"{options.hop_seconds:g} is longer than the window "
+                                 f"({options.window_seconds:g} s): with events, audio between windows would "
+                                 "never be scored")
         self.batch_tokens = options.batch_tokens or tagger.default_batch_tokens
         for name, value, least in (("batch_tokens", self.batch_tokens, 1), ("workers", options.workers, 1),
                                    ("top_k", options.top_k, 0)):

@@ -212,6 +212,8 @@ def test_plots_one_picture_per_file(elastic_dir, scene, tmp_path, capsys, monkey
     (["--events", "--offset-threshold", "0.9"], "--offset-threshold must lie in [0, onset_threshold]"),
     (["--events", "--min-duration", "-1"], "--min-duration must be a number of seconds >= 0"),
     (["--events", "--class-thresholds", "missing.csv"], "--class-thresholds cannot read missing.csv"),
+    (["--events", "--hop", "2"], "--hop 2 is longer than the window (1 s)"),  # cells no window covers
+    (["--events", "--activity", "median"], "'median' is not one of 'mean', 'centre'"),
     (["-f", "srt", "SECOND"], "--format srt writes one track per input: give -o FOLDER for 2 inputs"),
 ])
 def test_event_usage_errors_exit_2_before_any_output(extra, message, elastic_dir, scene, tmp_path, capsys,
