@@ -183,6 +183,33 @@ def _frames(name: str, seconds: float, hop_ms: float, least: int, unit: str) -> 
     return frames
 
 
+def _windows(tagger: Tagger, options: TagOptions) -> tuple[TagOptions, int, int]:
+    """``options`` with the event windows filled in (the family's defaults unless given), and the window and
+    hop in feature frames. ParameterError for a window the model cannot score or, with events, a hop longer
+    than the window (audio between windows would never be scored)."""
+    hop_ms, config = tagger.feature_hop_ms, tagger.config
+    if options.events is not None:
+        window, hop = default_event_windows(config.family, config.max_frames * hop_ms / 1000)
+        given = options.window_seconds, options.hop_seconds
+        options = replace(options, window_seconds=window if given[0] is None else given[0],
+                          hop_seconds=hop if given[1] is None else given[1])
+    window_frames = tagger.window_frames
+    if options.window_seconds is not None:
+        window_frames = _frames("window_seconds", options.window_seconds, hop_ms, config.patch_size, "one patch")
+        if window_frames > config.max_frames:
+            what = "trained window" if config.pads_to_window else "time table (the longest audio it scores)"
+            raise ParameterError("window_seconds", f"{options.window_seconds:g} is longer than this model's "
+                                 f"{what}: {config.max_frames * hop_ms / 1000:g} s")
+    hop_frames = window_frames
+    if options.hop_seconds is not None:
+        hop_frames = _frames("hop_seconds", options.hop_seconds, hop_ms, 1, "one feature frame")
+    if options.events is not None and options.hop_seconds > options.window_seconds + 1e-9:
+        raise ParameterError("hop_seconds", f"{options.hop_seconds:g} is longer than the window "
+                             f"({options.window_seconds:g} s): with events, audio between windows would never "
+                             "be scored")
+    return options, window_frames, hop_frames
+
+
 def _reason(message: str, path: str) -> str:
     """An error message without the leading ``path:`` (records carry the path separately)."""
     return message[len(path) + 2 :] if message.startswith(path + ": ") else message
@@ -194,29 +221,10 @@ class Pipeline:
     Options that do not fit the tagger raise ``ParameterError`` naming the ``TagOptions`` field."""
 
     def __init__(self, tagger: Tagger, options: TagOptions):
-        self.tagger, self.options = tagger, options
+        self.tagger = tagger
         hop_ms = tagger.feature_hop_ms
-        config = tagger.config
-        self.window_frames = tagger.window_frames
-        if options.events is not None:  # the family's event windows unless window / hop are given
-            window, hop = default_event_windows(config.family, config.max_frames * hop_ms / 1000)
-            options = replace(options, window_seconds=options.window_seconds or window,
-                              hop_seconds=options.hop_seconds or hop)
-            self.options = options
-        if options.window_seconds is not None:
-            self.window_frames = _frames("window_seconds", options.window_seconds, hop_ms, config.patch_size,
-                                         "one patch")
-            if self.window_frames > config.max_frames:
-                what = "trained window" if config.pads_to_window else "time table (the longest audio it scores)"
-                raise ParameterError("window_seconds", f"{options.window_seconds:g} is longer than this model's "
-                                     f"{what}: {config.max_frames * hop_ms / 1000:g} s")
-        self.hop_frames = self.window_frames
-        if options.hop_seconds is not None:
-            self.hop_frames = _frames("hop_seconds", options.hop_seconds, hop_ms, 1, "one feature frame")
-        if options.events is not None and options.hop_seconds > options.window_seconds + 1e-9:
-            raise ParameterError("hop_seconds", f"{options.hop_seconds:g} is longer than the window "
-                                 f"({options.window_seconds:g} s): with events, audio between windows would "
-                                 "never be scored")
+        self.options, self.window_frames, self.hop_frames = _windows(tagger, options)
+        options = self.options
         self.batch_tokens = options.batch_tokens or tagger.default_batch_tokens
         for name, value, least in (("batch_tokens", self.batch_tokens, 1), ("workers", options.workers, 1),
                                    ("top_k", options.top_k, 0)):
