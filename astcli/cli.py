@@ -109,8 +109,9 @@ def tag(
                                  help="Window length in seconds (default: the model's; with --events 1 s for "
                                  "ElasticAST, the trained window for AST)."),
     hop: float = typer.Option(None, "--hop", metavar="SECONDS",
-                              help="Seconds between window starts (default: the window; with --events 1/3 s for "
-                              "ElasticAST, a quarter window for AST). Smaller values overlap windows."),
+                              help="Seconds between window starts (default: the window; with --events a third of the "
+                              "window for ElasticAST, 1/3 s, and a quarter for AST). Smaller values overlap "
+                              "windows."),
     hop_ms: float = typer.Option(None, "--hop-ms", metavar="MS",
                                  help="Feature hop in ms (ElasticAST resolution: 20-40 ms means "
                                  "fewer tokens and faster tagging)."),

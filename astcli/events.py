@@ -120,7 +120,7 @@ def read_class_thresholds(path: str | Path, labels: Sequence[str]) -> dict[int, 
     out = {}
     for label, on, off in rows:
         index = index_of.get(label)
-        if index is None and label.isdigit() and int(label) < len(labels):
+        if index is None and label.isascii() and label.isdigit() and int(label[:12]) < len(labels):
             index = int(label)
         if index is None:
             raise ParameterError("class_thresholds", f"{path}: unknown class {label!r}")
@@ -139,7 +139,7 @@ def _json_rows(text: str) -> list[tuple[str, float, float | None]]:
     rows = []
     for label, value in doc.items():
         pair = value if isinstance(value, list) else [value]
-        if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) for v in pair):
+        if not 1 <= len(pair) <= 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
             raise ValueError(f"{label!r}: expected a number or [onset, offset]")
         rows.append((str(label), float(pair[0]), float(pair[1]) if len(pair) == 2 else None))
     return rows
@@ -173,6 +173,7 @@ class ActivityGrid:
         self.first = 0  # index of the first cell not yet returned
         self.sums = np.zeros((0, num_classes))
         self.counts = np.zeros(0)
+        self.last: np.ndarray | None = None  # the scores of the latest window
         self.distance = np.zeros(0, dtype=np.int64)  # "centre": twice the frames from the cell's centre to the
         # centre of the windows in its sum
 
@@ -198,11 +199,18 @@ class ActivityGrid:
             rows = rows[distance == self.distance[rows]]
         self.sums[rows] += scores
         self.counts[rows] += 1
+        self.last = scores
         return self._take(a)  # later windows start at or after ``start``: no cell before ``a`` changes
 
     def finish(self, total_frames: int) -> tuple[int, np.ndarray]:
-        """The remaining cells up to ``ceil(total_frames / step)``; cells no window covered get activity 0."""
+        """The remaining cells up to ``ceil(total_frames / step)``. The last cells may have their centre past
+        the end of the last window (the audio ends less than half a cell into them, or is shorter than half a
+        cell): they take the last window's scores. Any other cell no window covered gets activity 0."""
         self._grow(-(-total_frames // self.step))
+        covered = np.flatnonzero(self.counts)
+        tail = covered[-1] + 1 if len(covered) else 0
+        if self.last is not None and (tail < len(self.counts)):
+            self.sums[tail:], self.counts[tail:] = self.last, 1
         return self._take(self.first + len(self.counts))
 
     def _grow(self, end: int) -> None:
@@ -235,6 +243,8 @@ class EventDetector:
     """
 
     def __init__(self, num_classes: int, cell_seconds: float, options: EventOptions | None = None):
+        if not (math.isfinite(cell_seconds) and cell_seconds > 0):
+            raise ParameterError("cell_seconds", f"must be a positive number of seconds (got {cell_seconds:g})")
         self.options = options or EventOptions()
         self.on, self.off = self.options.thresholds(num_classes)
         self.cell_seconds = cell_seconds
@@ -363,6 +373,7 @@ class EventTracker:
         return self._feed(self.grid.add(start, length, np.asarray(scores, dtype=np.float64)))
 
     def finish(self, total_frames: int, duration: float | None = None) -> list[Event]:
+        self.detector.end = duration  # the last cells may close events: they end by the audio's end too
         return self._feed(self.grid.finish(total_frames)) + self.detector.finish(duration)
 
 

@@ -131,6 +131,7 @@ class _FileState:
         mel, classes = t.config.num_mel_bins, t.config.num_classes
         self.features = StreamingFbank(t.sample_rate, num_mel_bins=mel, frame_shift_ms=t.feature_hop_ms)
         self.windows = _Windows(pipeline.window_frames, pipeline.hop_frames, mel)
+        self.seen = pipeline._seen
         self.rows: list[tuple[int, int, torch.Tensor]] | None = [] if opts.timeline else None
         self.sum = torch.zeros(classes, dtype=torch.float64)
         self.max = torch.zeros(classes)
@@ -165,7 +166,7 @@ class _FileState:
         if self.rows is not None:
             self.rows.append((start, length, row))
         if self.tracker is not None:
-            self.events += self.tracker.add(start, length, row.numpy())
+            self.events += self.tracker.add(start, self.seen(length), row.numpy())  # the frames it scored
 
     def finish(self, duration: float) -> None:
         if self.tracker is not None:
@@ -188,11 +189,12 @@ def _windows(tagger: Tagger, options: TagOptions) -> tuple[TagOptions, int, int]
     hop in feature frames. ParameterError for a window the model cannot score or, with events, a hop longer
     than the window (audio between windows would never be scored)."""
     hop_ms, config = tagger.feature_hop_ms, tagger.config
-    if options.events is not None:
+    if options.events is not None:  # a given window keeps the default's windows per moment
         window, hop = default_event_windows(config.family, config.max_frames * hop_ms / 1000)
         given = options.window_seconds, options.hop_seconds
         options = replace(options, window_seconds=window if given[0] is None else given[0],
-                          hop_seconds=hop if given[1] is None else given[1])
+                          hop_seconds=given[1] if given[1] is not None else hop if given[0] is None
+                          else given[0] * hop / window)
     window_frames = tagger.window_frames
     if options.window_seconds is not None:
         window_frames = _frames("window_seconds", options.window_seconds, hop_ms, config.patch_size, "one patch")
@@ -203,7 +205,7 @@ def _windows(tagger: Tagger, options: TagOptions) -> tuple[TagOptions, int, int]
     hop_frames = window_frames
     if options.hop_seconds is not None:
         hop_frames = _frames("hop_seconds", options.hop_seconds, hop_ms, 1, "one feature frame")
-    if options.events is not None and options.hop_seconds > options.window_seconds + 1e-9:
+    if options.events is not None and hop_frames > window_frames:
         raise ParameterError("hop_seconds", f"{options.hop_seconds:g} is longer than the window "
                              f"({options.window_seconds:g} s): with events, audio between windows would never "
                              "be scored")
@@ -358,6 +360,8 @@ class Pipeline:
         """The FileResult of one in-memory 1-D waveform at ``sample_rate``, in blocks of ``block_seconds``."""
         if waveform.dim() != 1:
             raise ParameterError("audio", f"must be a 1-D waveform (got shape {tuple(waveform.shape)})")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ParameterError("sample_rate", f"must be a positive whole number of Hz (got {sample_rate!r})")
         if sample_rate != self.tagger.sample_rate:
             from astcli.audio import resample
 
@@ -380,7 +384,7 @@ class Pipeline:
     def _finish(self, result: FileResult, state: _FileState | None) -> FileResult:
         if result.error is not None or state is None:
             return result
-        state.finish(result.duration)
+        state.finish(round(result.duration, 3))  # events end by the duration the record shows
         multi = self.tagger.config.multi_label
         aggregate = self.options.aggregate or ("max" if multi else "mean")
         result.overall = state.max if aggregate == "max" else (state.sum / max(state.count, 1)).float()
@@ -488,4 +492,6 @@ def find_events(tagger, audio, *, options: EventOptions | None = None, window_se
             raise AudioError(f"{os.fspath(audio)}: {result.error}")
     else:
         result = pipeline.tag_waveform(torch.as_tensor(audio, dtype=torch.float32), sample_rate)
+        if result.error is not None:
+            raise AudioError(f"waveform: {result.error}")
     return [pipeline._event(e) for e in result.events]

@@ -16,9 +16,11 @@ from astcli.events import ActivityGrid, Event, EventDetector, EventOptions, dete
 
 def naive_grid(windows: list[tuple[int, int, np.ndarray]], step: int, total: int, rule: str = "mean") -> np.ndarray:
     """Oracle: for each cell, the mean of the windows whose span holds the cell's centre, or with ``"centre"``
-    of those among them whose centre is nearest to the cell's (float arithmetic)."""
+    of those among them whose centre is nearest to the cell's (float arithmetic); the cells after the last
+    one a window covers take the last window's scores."""
     cells = -(-total // step)
     out = np.zeros((cells, len(windows[0][2]) if windows else 1))
+    last_covered = -1
     for k in range(cells):
         centre = (k + 0.5) * step
         covering = [(abs(start + length / 2 - centre), s) for start, length, s in windows
@@ -28,6 +30,9 @@ def naive_grid(windows: list[tuple[int, int, np.ndarray]], step: int, total: int
             covering = [(d, s) for d, s in covering if d == nearest]
         if covering:
             out[k] = np.mean([s for _, s in covering], axis=0)
+            last_covered = k
+    if windows:
+        out[last_covered + 1 :] = windows[-1][2]
     return out
 
 
@@ -84,8 +89,17 @@ def test_grid_means_the_windows_covering_each_cell_centre():
     first, cells = grid.add(2, 8, np.array([0.0]))
     assert first == 0 and cells.tolist() == [[1.0]]
     first, cells = grid.finish(12)
-    # cells 1-3 lie in both windows, cell 4 only in the second, cell 5 in none
+    # cells 1-3 lie in both windows, cell 4 only in the second; cell 5's centre (11) is past the second
+    # window's end (10), at the end of the audio: it takes the last window's scores
     assert first == 1 and cells[:, 0].tolist() == [0.5, 0.5, 0.5, 0.0, 0.0]
+    grid = ActivityGrid(step=2, num_classes=1)
+    grid.add(0, 8, np.array([1.0]))
+    grid.add(2, 8, np.array([0.6]))
+    assert grid.finish(12)[1][:, 0].tolist() == [0.8, 0.8, 0.8, 0.6, 0.6]  # cells 1-5 (cell 0 came out before)
+    # audio shorter than half a cell: the one window covers no cell centre, and the cell takes its scores
+    grid = ActivityGrid(step=10, num_classes=1)
+    grid.add(0, 3, np.array([0.7]))
+    assert grid.finish(3)[1][:, 0].tolist() == [0.7]
 
 
 def test_the_centre_rule_takes_the_window_centred_on_each_cell():
@@ -107,6 +121,7 @@ def test_the_centre_rule_takes_the_window_centred_on_each_cell():
 def test_grid_matches_the_oracle(step, size, hop, extra, seed, rule):
     rng = np.random.default_rng(seed)
     total = size + extra
+    hop = min(hop, size)  # windows touch or overlap, as the pipeline makes them for events
     starts = list(range(0, max(1, total - size + 1), hop))
     windows = [(s, min(size, total - s), rng.random(3)) for s in starts]
     grid = ActivityGrid(step, 3, rule)
@@ -235,6 +250,18 @@ def test_streaming_matches_the_oracle_and_keeps_the_rules(activity, cell, on, of
 
 # -- options and threshold files ------------------------------------------------------------------------------
 
+def test_a_json_threshold_must_be_a_number(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"Dog": true}', encoding="utf-8")
+    with pytest.raises(ParameterError, match="expected a number"):
+        read_class_thresholds(path, ["Dog"])
+
+
+def test_cells_must_have_a_length():
+    with pytest.raises(ParameterError, match="cell_seconds"):
+        EventDetector(1, 0.0)
+
+
 def test_options_reject_impossible_values():
     with pytest.raises(ParameterError, match="onset_threshold"):
         EventOptions(onset_threshold=0.0)
@@ -269,6 +296,8 @@ def test_per_class_thresholds_apply_to_their_class_only():
     ("label,onset,offset\nDog,0.5,0.7\n", "0 <= offset <= onset <= 1"),
     ("name,value\nDog,0.5\n", "header label,onset"),
     ("label,onset\nDog,high\n", "could not convert"),
+    ("label,onset\n\u00b2,0.5\n", "unknown class '\u00b2'"),  # a digit to isdigit(), not to int()
+    ("label,onset\n" + "9" * 5000 + ",0.5\n", "unknown class"),  # past int()'s digit limit
 ])
 def test_bad_threshold_files_name_the_problem(tmp_path, text, problem):
     path = tmp_path / "t.csv"

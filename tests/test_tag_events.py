@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 from test_tag import jsonl, run_cli
 
+from astcli.errors import AudioError, ParameterError
 from astcli.events import EventOptions
 from astcli.model import AudioTransformer, elastic_config
 from astcli.model.checkpoints import save_checkpoint
@@ -54,9 +55,9 @@ def scene(tmp_path_factory):
 def oracle_events(segments: list[dict], hop: float, duration: float, on: float, off: float,
                   activity: str = "mean") -> list[tuple]:
     """Events from timeline windows, computed plainly: per cell of ``hop`` seconds the mean of the windows
-    holding its centre (``"centre"``: the one whose centre is nearest), then a cell-by-cell hysteresis per
-    class, onsets and offsets where the line between two cell centres crosses the threshold (an event on at
-    the end ends with the last cell)."""
+    holding its centre (``"centre"``: the one whose centre is nearest; cells after the last covered one: the
+    last window), then a cell-by-cell hysteresis per class, onsets and offsets where the line between two
+    cell centres crosses the threshold (an event on at the end ends with the last cell)."""
     cells = int(np.ceil(duration / hop - 1e-9))
     scores = np.zeros((len(segments), len(LABELS)))
     for i, seg in enumerate(segments):
@@ -71,7 +72,9 @@ def oracle_events(segments: list[dict], hop: float, duration: float, on: float, 
             if activity == "centre" and covering:
                 covering = [min(covering, key=lambda i: abs((segments[i]["start"] + segments[i]["end"]) / 2
                                                             - centre))]
-            track.append(np.mean(scores[covering, cls]) if covering else 0.0)
+            track.append(np.mean(scores[covering, cls]) if covering else None)
+        covered = [k for k, a in enumerate(track) if a is not None]
+        track = [a if a is not None else (scores[-1, cls] if k > covered[-1] else 0.0) for k, a in enumerate(track)]
 
         def crossing(k: int, threshold: float, track: list[float] = track) -> float:
             return 0.0 if k == 0 else (k - 0.5 + (threshold - track[k - 1]) / (track[k] - track[k - 1])) * hop
@@ -134,6 +137,37 @@ def test_path_waveform_blocks_and_onnx_agree(elastic_dir, scene, tmp_path):
     assert [e["index"] for e in through_onnx] == [e["index"] for e in by_path]
     for key in ("start", "end", "score"):
         assert [e[key] for e in through_onnx] == pytest.approx([e[key] for e in by_path], abs=1e-4)
+
+
+@pytest.mark.parametrize("samples", [48000, 53920, 51203, 4000, 500])
+@pytest.mark.parametrize("activity", ["mean", "centre"])
+def test_events_end_with_the_audio_whatever_its_length(elastic_dir, samples, activity):
+    """3 s; 3.37 s and 3.2 s (the audio ends less than half a cell into the last cell, so no window covers its
+    centre); 0.25 s and 31 ms (less than one hop, or half of one). With thresholds under every score each
+    class is one event from 0 to the end of the audio, as the record shows it."""
+    tagger = load_model(elastic_dir, device="cpu")
+    audio = torch.from_numpy(np.random.default_rng(samples).normal(0, 0.1, samples).astype(np.float32))
+    options = EventOptions(1e-6, 1e-6, activity=activity)
+    spans = {(e["start"], e["end"]) for e in find_events(tagger, audio, options=options)}
+    assert spans == {(0.0, round(samples / 16000, 3))}
+
+
+def test_a_waveform_the_model_cannot_score_raises_as_a_file_does(elastic_dir, tmp_path):
+    tagger = load_model(elastic_dir, device="cpu")
+    audio = np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32)
+    audio[100:110] = np.nan
+    with pytest.raises(AudioError, match="non-finite"):
+        find_events(tagger, torch.from_numpy(audio))
+    with pytest.raises(ParameterError, match="sample_rate"):
+        find_events(tagger, torch.from_numpy(audio), sample_rate=0)
+
+
+def test_a_given_window_keeps_three_windows_per_moment(elastic_dir, scene, capsys, monkeypatch):
+    # ElasticAST's event windows are 1 s every 1/3 s; a 0.6 s window is scored every 0.2 s
+    code, out, _ = run_cli(["tag", scene, "-m", elastic_dir, "--events", "--timeline", "--window", "0.6",
+                            "-f", "jsonl"], capsys, monkeypatch)
+    starts = [s["start"] for s in jsonl(out)[0]["segments"]]
+    assert code == 0 and starts[:4] == [0.0, 0.2, 0.4, 0.6]
 
 
 def test_an_event_spanning_blocks_of_a_long_file_is_one_event(elastic_dir, tmp_path):
