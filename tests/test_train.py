@@ -172,6 +172,10 @@ def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder)
     assert resolve_recipe(open_recipe.replace(grad_accum=3), command="train", config=config,
                           split=split).warmup_steps == 2  # ceil(8 / 3) x 10 = 30 steps; round(1.5)
     assert resolve_recipe(open_recipe, command="train", config=config, split=split, world=2).warmup_steps == 2
+    # a step floor: 8 steps per epoch x 10 epochs is short of 100 steps, so 13 epochs, the decay 5 -> 6.5 -> 6
+    floor = resolve_recipe(open_recipe.replace(min_steps=100), command="train", config=config, split=split)
+    assert (floor.epochs, floor.lr_decay_start, floor.warmup_steps) == (13, 6, 5)
+    assert resolve_recipe(open_recipe.replace(min_steps=80), command="train", config=config, split=split).epochs == 10
     elastic = elastic_config("tiny", **TINY, num_classes=4)
     fitted = resolve_recipe(open_recipe, command="train", config=elastic, split=split, statistics=(-3.0, 4.0))
     clip_frames = [1 + (samples[i] - 400) // 160 for i in split.train]
@@ -204,7 +208,7 @@ def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
                               lr_decay_start=100, val_fraction=0.25, num_workers=0, progress=False)
     run = result.runs[0]
     assert run.selected == "best" and run.metrics["top1"] >= 0.75  # 16 validation clips; chance: 0.25
-    assert [r["epoch"] for r in run.history] == list(range(1, 9))
+    assert [r["epoch"] for r in run.history] == list(range(1, 9))  # given epochs: no step floor
     out = tmp_path / "out"
     assert len((out / "log.jsonl").read_text().splitlines()) == 8
     header = (out / "log.csv").read_text().splitlines()[0].split(",")

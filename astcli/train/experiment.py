@@ -229,8 +229,9 @@ class _Experiment:
         if dist.main:
             dist.barrier()
         pretrained = "audioset" if spec.kind == "finetune" else spec.init
+        given_epochs = {"min_steps": 0} if "epochs" in spec.overrides else {}  # --epochs is taken as given
         recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label,
-                            size=spec.size).replace(**spec.overrides)
+                            size=spec.size).replace(**{**given_epochs, **spec.overrides})
         model = pretrained_model(spec.model) if spec.kind == "finetune" else None
         config = model.config if model is not None else architecture(
             spec.arch, spec.size, ds.classes, recipe.window, spec.model_options)
@@ -280,7 +281,8 @@ class _Experiment:
         return (f"{r.name} recipe: {len(self.dataset.classes)} classes on {device}; "
                 f"{len(split.train)} training, {len(split.validation)} validation, "
                 f"{len(split.test)} test clips{per_fold}; ~{len(split.train) / max(1, steps):.0f} clips per step "
-                f"({r.batch_tokens} tokens), {steps} steps per epoch, {r.epochs} epochs; {r.optimizer} lr {r.lr:g}, "
+                f"({r.batch_tokens} tokens), {steps} steps per epoch, {r.epochs} epochs"
+                f"{f' (at least {r.min_steps} steps)' if r.min_steps else ''}; {r.optimizer} lr {r.lr:g}, "
                 f"warm-up {r.warmup_steps} steps, x{r.lr_decay:g} per epoch after epoch {r.lr_decay_start}; "
                 f"statistics mean {r.mean:.4f} std {r.std:.4f} from {self.statistics['source']}")
 

@@ -18,7 +18,9 @@ custom    lr 1e-5 from a pretrained tagger (1e-4 from ImageNet weights), 10 epoc
           at 512 frames, CE or BCE by the dataset, warm-up over ~5% of the steps, lr x0.85 after epoch 5.
 scratch   a new model without pretrained weights on a dataset without a published recipe: AdamW (betas 0.9,
           0.999, weight decay 0.05), lr by model size (tiny 1e-4, small 5e-5, base 2.5e-5), 16 epochs of 16 clips
-          per step, warm-up over ~5% of the steps, lr x0.85 per epoch after epoch 8, gradient norm clipped to 1,
+          per step and at least 1200 steps (more epochs for small datasets, the decay start scaled alike; not
+          when the epochs are given), warm-up over ~5% of the steps, lr x0.85 per epoch after epoch 8
+          (half the epochs), gradient norm clipped to 1,
           no SpecAugment and no token dropout (a short run from scratch underfits; both slowed it), statistics
           fitted to the training clips. Measurements behind it: docs/training.md.
 ========  ==============================================================================================
@@ -51,6 +53,7 @@ ESC50_STATS = (-6.6268077, 5.358466)
 SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
 SCRATCH_LR = {"tiny": 1e-4, "small": 5e-5, "base": 2.5e-5}  # peak lr of a new model by size (AdamW, 16 clips)
 SCRATCH_EPOCHS = 16  # measured: docs/training.md
+SCRATCH_MIN_STEPS = 1200  # optimizer steps a new model gets at least (small datasets: more epochs)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Recipe:
     select: str | None = None  # final model: "last" | "best" | "wa"; None = wa if set, else best (last w/o val)
     grad_accum: int = 1
     clip_grad: float | None = None  # max gradient norm
+    min_steps: int = 0  # at least this many optimizer steps: a small dataset gets more epochs (lr_decay_start
+    # scales with them); 0 = the epochs as given
     val_fraction: float = 0.1  # validation share of the training data (folds: of the training folds) when the
     # dataset defines no validation split
 
@@ -135,6 +140,7 @@ class Recipe:
             ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0"),
             ("lr_decay", 0 < self.lr_decay <= 1, f"must be in (0, 1] (got {self.lr_decay:g})"),
             ("lr_decay_start", self.lr_decay_start >= 0, "must be >= 0"),
+            ("min_steps", self.min_steps >= 0, f"must be >= 0 (got {self.min_steps})"),
             ("mean", (self.mean is None) == (self.std is None), "and std go together"),
             ("std", self.std is None or self.std > 0, "must be positive"),
             ("background_noise", 0.0 <= self.background_noise <= 1.0, "is a probability in [0, 1]"),
@@ -205,7 +211,7 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
             name="scratch", lr=SCRATCH_LR[size], epochs=SCRATCH_EPOCHS, batch_size=16, window=None, freqm=0,
             timem=0, reference_frames=512, mixup=0.0, loss=loss, optimizer="adamw", betas=(0.9, 0.999),
             weight_decay=0.05, warmup_steps=None, lr_decay=0.85, lr_decay_start=SCRATCH_EPOCHS // 2,
-            token_dropout=0.0, clip_grad=1.0,
+            token_dropout=0.0, clip_grad=1.0, min_steps=SCRATCH_MIN_STEPS,
         )
     return Recipe(
         name="custom", lr=1e-5 if from_tagger else 1e-4, epochs=10, batch_size=32, window=None, freqm=24,
@@ -242,6 +248,7 @@ def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: 
     window          the longest clip (frames at the model's hop), 16 to 1024; 1024 without clip lengths
     mean, std       ``statistics`` when given, else the model's own (``config.mean`` / ``config.std``)
     batch_tokens    ``batch_size`` clips of the mean training-clip length (a full window where lengths are unknown)
+    epochs          raised until the run takes ``min_steps`` optimizer steps (``lr_decay_start`` scaled alike)
     warmup_steps    min(1000, round(5 % of all optimizer steps)), steps counted at the model's hop
     select          "wa" with weight averaging, else "best" with a validation split, else "last"
     ==============  ============================================================================================
@@ -271,8 +278,15 @@ def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: 
                                                                                              window=window)),
         select=recipe.select or ("wa" if recipe.wa_start is not None else ("best" if split.validation else "last")),
     )
+    if not resolved.min_steps and resolved.warmup_steps is not None:
+        return resolved
+    batches = batches_per_epoch(fitted, split, window=window, budget=resolved.batch_tokens, world=world)
+    per_epoch = -(-batches // resolved.grad_accum)
+    if per_epoch * resolved.epochs < resolved.min_steps:
+        epochs = -(-resolved.min_steps // per_epoch)
+        resolved = resolved.replace(epochs=epochs,
+                                    lr_decay_start=round(resolved.lr_decay_start * epochs / resolved.epochs))
     if resolved.warmup_steps is None:
-        batches = batches_per_epoch(fitted, split, window=window, budget=resolved.batch_tokens, world=world)
-        steps = -(-batches // resolved.grad_accum) * resolved.epochs
+        steps = per_epoch * resolved.epochs
         resolved = resolved.replace(warmup_steps=min(WARMUP_MAX, round(WARMUP_SHARE * steps)))
     return resolved
