@@ -120,7 +120,7 @@ def read_class_thresholds(path: str | Path, labels: Sequence[str]) -> dict[int, 
     out = {}
     for label, on, off in rows:
         index = index_of.get(label)
-        if index is None and label.isascii() and label.isdigit() and int(label[:12]) < len(labels):
+        if index is None and label.isascii() and label.isdigit() and len(label) < 10 and int(label) < len(labels):
             index = int(label)
         if index is None:
             raise ParameterError("class_thresholds", f"{path}: unknown class {label!r}")
