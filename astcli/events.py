@@ -51,6 +51,12 @@ class Event:
 ACTIVITY_RULES = ("mean", "centre")
 
 
+def check_activity_rule(rule: str) -> None:
+    """ParameterError ``activity`` unless ``rule`` is one of ``ACTIVITY_RULES``."""
+    if rule not in ACTIVITY_RULES:
+        raise ParameterError("activity", f"must be one of {', '.join(ACTIVITY_RULES)} (got {rule!r})")
+
+
 @dataclass(frozen=True)
 class EventOptions:
     """Per-class decision rules (seconds and probabilities).
@@ -79,8 +85,7 @@ class EventOptions:
         for name, value in (("min_duration", self.min_duration), ("max_gap", self.max_gap)):
             if not (math.isfinite(value) and value >= 0):
                 raise ParameterError(name, f"must be a number of seconds >= 0 (got {value:g})")
-        if self.activity not in ACTIVITY_RULES:
-            raise ParameterError("activity", f"must be one of {', '.join(ACTIVITY_RULES)} (got {self.activity!r})")
+        check_activity_rule(self.activity)
 
     @property
     def offset(self) -> float:
@@ -166,8 +171,7 @@ class ActivityGrid:
     def __init__(self, step: int, num_classes: int, rule: str = "mean"):
         if step < 1:
             raise ParameterError("step", f"must be at least 1 frame (got {step})")
-        if rule not in ACTIVITY_RULES:
-            raise ParameterError("activity", f"must be one of {', '.join(ACTIVITY_RULES)} (got {rule!r})")
+        check_activity_rule(rule)
         self.step = step
         self.rule = rule
         self.first = 0  # index of the first cell not yet returned
@@ -209,7 +213,7 @@ class ActivityGrid:
         self._grow(-(-total_frames // self.step))
         covered = np.flatnonzero(self.counts)
         tail = covered[-1] + 1 if len(covered) else 0
-        if self.last is not None and (tail < len(self.counts)):
+        if self.last is not None and tail < len(self.counts):
             self.sums[tail:], self.counts[tail:] = self.last, 1
         return self._take(self.first + len(self.counts))
 
@@ -285,14 +289,16 @@ class EventDetector:
         out += self._release(self.next_cell)
         return sorted(out, key=lambda e: (e.start, e.index))
 
-    def finish(self, duration: float | None = None) -> list[Event]:
-        """Close open events after the last cell and return every remaining event; ``duration`` (seconds)
-        clips the ends (the last cell may reach past the audio)."""
+    def finish(self, duration: float | None = None, activity: np.ndarray | None = None) -> list[Event]:
+        """Push the last cells ``activity`` (if any), close open events after them and return every remaining
+        event; ``duration`` (seconds) clips the ends, those of events the last cells close included (the last
+        cell may reach past the audio)."""
+        self.end = duration
+        out = self.push(activity) if activity is not None else []
         for cls in np.flatnonzero(self.active).tolist():
             self.held[cls] = (float(self.onset[cls]), self.next_cell * self.cell_seconds, float(self.peak[cls]))
         self.active[:] = False
-        self.end = duration
-        return sorted(self._release(None), key=lambda e: (e.start, e.index))
+        return sorted(out + self._release(None), key=lambda e: (e.start, e.index))
 
     def _crossing(self, cell: int, before: float, value: float, threshold: float) -> float:
         """Seconds at which the line from the centre of ``cell - 1`` (activity ``before``) to the centre of
@@ -363,18 +369,18 @@ class EventTracker:
         self.grid = ActivityGrid(step_frames, num_classes, self.detector.options.activity)
         self.on_cells = on_cells
 
-    def _feed(self, cells: tuple[int, np.ndarray]) -> list[Event]:
+    def _final_cells(self, cells: tuple[int, np.ndarray]) -> np.ndarray:
         activity = cells[1]
         if self.on_cells is not None and len(activity):
             self.on_cells(activity)
-        return self.detector.push(activity)
+        return activity
 
     def add(self, start: int, length: int, scores) -> list[Event]:
-        return self._feed(self.grid.add(start, length, np.asarray(scores, dtype=np.float64)))
+        cells = self.grid.add(start, length, np.asarray(scores, dtype=np.float64))
+        return self.detector.push(self._final_cells(cells))
 
     def finish(self, total_frames: int, duration: float | None = None) -> list[Event]:
-        self.detector.end = duration  # the last cells may close events: they end by the audio's end too
-        return self._feed(self.grid.finish(total_frames)) + self.detector.finish(duration)
+        return self.detector.finish(duration, self._final_cells(self.grid.finish(total_frames)))
 
 
 def default_event_windows(family: str, trained_window_seconds: float) -> tuple[float, float]:
