@@ -12,9 +12,11 @@ train the same model on the same clips (random features: throughput does not dep
   ``batch_tokens // tokens(max_frames)`` clips per batch, one clip per row (no attention mask).
 
 Reported per mode: useful tokens (the clips' own patches) per second, the share of computed tokens that
-is padding, and clips per second. The modes take turns for ``--repeat`` rounds and the best round counts,
-so load from other processes hits both alike; by default time is this process's CPU time on one thread
-(``--clock cpu --threads 1``), which other jobs on the machine barely disturb.
+is padding, and clips per second. A last line compares the optimizer update alone: the fused Adam kernel
+``make_optimizer`` uses against torch's default per-tensor Adam, on the same parameters and gradients. The
+modes take turns for ``--repeat`` rounds and the best round counts, so load from other processes hits both
+alike; by default time is this process's CPU time on one thread (``--clock cpu --threads 1``), which other
+jobs on the machine barely disturb.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def epoch(model, optimizer, batches, classes: int, clock) -> tuple[float, int, i
         useful += useful_tokens
         computed += batch.clip_ids.numel()
     return clock() - start, useful, computed
+
+
+def optimizer_seconds(model, fused: bool, steps: int, clock) -> float:
+    """Seconds on ``clock`` per Adam step over ``model``'s parameters (random gradients), fused or torch's
+    default per-tensor kernels."""
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.Adam(params, lr=1e-5, fused=fused) if fused else torch.optim.Adam(params, lr=1e-5)
+    optimizer.step()
+    start = clock()
+    for _ in range(steps):
+        optimizer.step()
+    return (clock() - start) / steps
 
 
 def main() -> None:
@@ -111,6 +127,8 @@ def main() -> None:
               f"{1 - useful / computed:>8.1%} {args.clips / seconds:>8.2f}")
     speedup = best["packed native length"][0] and best["padded to max length"][0] / best["packed native length"][0]
     print(f"packed / padded useful-token throughput: {speedup:.2f}x")
+    plain, fused = (min(optimizer_seconds(model, f, 20, clock) for _ in range(args.repeat)) for f in (False, True))
+    print(f"Adam step: per-tensor {plain * 1e3:.1f} ms, fused {fused * 1e3:.1f} ms: fused {plain / fused:.2f}x")
 
 
 if __name__ == "__main__":

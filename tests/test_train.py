@@ -31,7 +31,7 @@ from astcli.train import experiment
 from astcli.train.batches import scan_lengths
 from astcli.train.datasets import load_dataset, run_splits
 from astcli.train.logs import TIMING_KEYS
-from astcli.train.optimization import learning_rate
+from astcli.train.optimization import learning_rate, make_optimizer
 from astcli.train.probe import clip_features, probe_split
 from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
 from astcli.train.statistics import fbank_statistics
@@ -148,6 +148,28 @@ def test_learning_rate_warms_up_linearly_then_decays_per_epoch_like_ast():
     assert learning_rate(r, 1, 1) == 0.25 and learning_rate(r, 1, 3) == 0.75
     assert learning_rate(r, 1, 4) == 1.0 and learning_rate(r, 2, 99) == 1.0
     assert learning_rate(r, 3, 99) == 0.5 and learning_rate(r.replace(warmup_steps=0), 5, 99) == 0.125
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_the_fused_optimizer_takes_the_same_steps_as_torchs_per_tensor_one(kind):
+    torch.manual_seed(0)
+    model = AudioTransformer(elastic_config("tiny", num_classes=3, depth=2))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    recipe = recipe_for("custom", pretrained="none", size="tiny").replace(optimizer=kind, weight_decay=0.05)
+    fused = make_optimizer(model.parameters(), recipe)
+    assert fused.defaults["fused"]
+    plain = (torch.optim.AdamW if kind == "adamw" else torch.optim.Adam)(
+        reference, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay, foreach=False)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), reference, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(p, q0) for p, q0 in zip(model.parameters(), start, strict=True))  # it stepped
 
 
 def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder):

@@ -24,9 +24,14 @@ def learning_rate(recipe: Recipe, epoch: int, step: int) -> float:
 
 
 def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
-    """Adam (AST: betas (0.95, 0.999), weight decay 5e-7) or AdamW, at the recipe's peak learning rate."""
+    """Adam (AST: betas (0.95, 0.999), weight decay 5e-7) or AdamW, at the recipe's peak learning rate.
+
+    On CPU and CUDA the update runs as torch's fused kernel, one call per step (same update rule; for tiny
+    ElasticAST on 2 CPU cores 5 ms instead of the per-tensor default's 16 ms, ~5 % of a training step)."""
+    params = list(params)
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return cls(params, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay, fused=fused)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
