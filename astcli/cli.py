@@ -387,7 +387,7 @@ def _header_seconds(path: str) -> float:
 
 _RECIPE_OPTIONS = (
     # (recipe field, type, option flag(s), help)
-    ("epochs", int, "--epochs", "Training epochs (default: the recipe's; from scratch 16, or more to reach 1200 "
+    ("epochs", int, "--epochs", "Training epochs (default: the recipe's; from scratch 20, or more to reach 1200 "
      "optimizer steps on small data)."),
     ("lr", float, "--lr", "Peak learning rate."),
     ("batch_size", int, "--batch-size", "Clips per optimizer step (the token budget is this many clips of the "
