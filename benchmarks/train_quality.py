@@ -9,7 +9,8 @@ of 0.3-1.5 s at 8 kHz, test fold = the usual 300-clip speaker-balanced split) an
 tiny --init none --folds 1`` with the recipe's defaults (overridden only by ``--epochs`` when given), which also
 fits the linear probe on the same split. Printed per set: the model's and the probe's test top-1, their ratio, the
 wall time of the whole run and of the probe, and the CPU time of the run (all threads and workers), so a run on
-a busy machine can be told from a quiet one (CPU time / wall time ~ the cores the run really had).
+a busy machine can be told from a quiet one (CPU time / wall time ~ the cores the run really had). Like the
+``ast`` command, the script first asks glibc to keep freed memory (``astcli.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import esc_like
 import spoken_words
 
+from astcli import keep_freed_memory
 from astcli.train import experiment
 
 
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmark-runs", help="training runs (one new folder per call)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     args = parser.parse_args()
+    keep_freed_memory()  # as the `ast` command does at start-up, so the run costs what `ast train` costs
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print(f"cores: {os.cpu_count()}  torch threads: default  load average at start: {os.getloadavg()[0]:.1f}")
     print(f"{'set':8} {'epochs':>6} {'model':>7} {'probe':>7} {'ratio':>6} {'wall s':>8} {'probe s':>8} {'cpu s':>8}")
