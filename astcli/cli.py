@@ -406,12 +406,15 @@ _RECIPE_OPTIONS = (
     ("mean", float, "--mean", "Normalisation mean (with --std)."),
     ("std", float, "--std", "Normalisation standard deviation (with --mean)."),
     ("balanced", bool, "--balanced/--no-balanced", "Class-balanced sampling (default: on for multi-label data)."),
-    ("noise", bool, "--noise/--no-noise", "AST feature noise."),
+    ("noise", bool, "--noise/--no-noise", "AST feature noise: uniform noise and a random time roll (default: "
+     "on from scratch)."),
     ("background_noise", float, "--background-noise", "Probability of adding a background-noise recording."),
     ("token_dropout", float, "--token-dropout", "ElasticAST token dropout rate."),
     ("random_hop", bool, "--random-hop/--no-random-hop", "ElasticAST resolution augmentation (10-40 ms hops)."),
     ("wa_start", int, "--wa-start", "First epoch of weight averaging."),
     ("wa_end", int, "--wa-end", "Last epoch of weight averaging."),
+    ("wa_share", float, "--wa-share", "Without --wa-start/--wa-end: weight-average the last this share of the "
+     "epochs (from scratch: 1/3; 0: none)."),
     ("select", str, "--select", "Final model: last, best (validation) or wa (weight average)."),
     ("grad_accum", int, "--grad-accum", "Batches per optimizer step."),
     ("clip_grad", float, "--clip-grad", "Clip the gradient norm to this value."),

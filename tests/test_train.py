@@ -34,6 +34,7 @@ from astcli.train.logs import TIMING_KEYS
 from astcli.train.optimization import learning_rate, make_optimizer
 from astcli.train.probe import clip_features, probe_split
 from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
+from astcli.train.state import WeightAverage
 from astcli.train.statistics import fbank_statistics
 from astcli.train.trainer import RunOptions, fit
 
@@ -124,6 +125,7 @@ def test_recipes_carry_the_paper_defaults_and_take_overrides():
         "scratch", "adamw", 1e-4, 0.05, "ce")
     assert (scratch.batch_size, scratch.freqm, scratch.timem, scratch.token_dropout, scratch.clip_grad) == (
         16, 0, 0, 0.0, 1.0)
+    assert (scratch.noise, scratch.reference_frames, scratch.wa_share, scratch.wa_start) == (True, 128, 1 / 3, None)
     assert [recipe_for("x", pretrained="none", size=s).lr for s in ("small", "base")] == [5e-5, 2.5e-5]
     assert recipe_for("esc50", pretrained="none").name == "esc50"  # a published recipe stays
     changed = esc.replace(lr=3e-4, epochs=3, mixup=None)
@@ -197,6 +199,23 @@ def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder)
     # a step floor: 8 steps per epoch x 10 epochs is short of 100 steps, so 13 epochs, the decay 5 -> 6.5 -> 6
     floor = resolve_recipe(open_recipe.replace(min_steps=100), command="train", config=config, split=split)
     assert (floor.epochs, floor.lr_decay_start, floor.warmup_steps) == (13, 6, 5)
+    # the averaged share follows the final epochs: the last ceil(20 / 3) = 7 of 20; ceil(13 / 3) = 5 of the floor's 13
+    share = open_recipe.replace(wa_share=1 / 3)
+    averaged = [(r.wa_start, r.wa_end, r.select) for r in (
+        resolve_recipe(share.replace(epochs=20), command="train", config=config, split=split),
+        resolve_recipe(share.replace(min_steps=100), command="train", config=config, split=split),
+        resolve_recipe(share.replace(epochs=1), command="train", config=config, split=split),
+        resolve_recipe(share.replace(epochs=30), command="train", config=config, split=split),
+        resolve_recipe(share.replace(wa_start=2, wa_end=3), command="train", config=config, split=split),
+        resolve_recipe(share.replace(select="best"), command="train", config=config, split=split))]
+    assert averaged == [(14, 20, "wa"), (9, 13, "wa"), (1, 1, "wa"), (21, 30, "wa"), (2, 3, "wa"), (None, None, "best")]
+    assert Recipe(select="wa", wa_share=0.5).select == "wa"
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ParameterError, match="share of the epochs") as caught:
+            open_recipe.replace(wa_share=bad)
+        assert caught.value.parameter == "wa_share"
+    with pytest.raises(ParameterError, match="wa needs wa_start"):
+        open_recipe.replace(select="wa")
     assert resolve_recipe(open_recipe.replace(min_steps=80), command="train", config=config, split=split).epochs == 10
     elastic = elastic_config("tiny", **TINY, num_classes=4)
     fitted = resolve_recipe(open_recipe, command="train", config=elastic, split=split, statistics=(-3.0, 4.0))
@@ -229,7 +248,7 @@ def test_tiny_elastic_model_learns_generated_sounds(tmp_path):
                               model_options={**TINY, "max_frames": 128}, epochs=8, lr=2e-3, batch_size=4,
                               lr_decay_start=100, val_fraction=0.25, num_workers=0, progress=False)
     run = result.runs[0]
-    assert run.selected == "best" and run.metrics["top1"] >= 0.75  # 16 validation clips; chance: 0.25
+    assert run.selected == "wa" and run.metrics["top1"] >= 0.75  # the last third averaged; 16 clips; chance 0.25
     assert [r["epoch"] for r in run.history] == list(range(1, 9))  # given epochs: no step floor
     out = tmp_path / "out"
     assert len((out / "log.jsonl").read_text().splitlines()) == 8
@@ -271,8 +290,9 @@ def test_a_new_model_normalises_with_its_training_clips_statistics_and_reports_t
 
 
 def test_a_trained_model_fine_tunes_to_new_classes_better_than_training_from_scratch(tmp_path):
-    # masks, token dropout and no clipping, fixed here so the numbers do not move with the scratch defaults
-    fixed = dict(freqm=24, timem=48, token_dropout=0.1, clip_grad=1e9)
+    # masks, token dropout, no clipping, no feature noise and the best epoch, fixed here so the numbers do not
+    # move with the scratch defaults
+    fixed = dict(freqm=24, timem=48, token_dropout=0.1, clip_grad=1e9, noise=False, wa_share=0.0)
     pre = experiment.train(str(make_folder(tmp_path / "a", per_class=16, seed=1)), tmp_path / "pre", arch="elastic",
                            size="tiny", init="none", model_options=TINY, epochs=8, lr=2e-3, batch_size=4,
                            lr_decay_start=100, val_fraction=0.25, num_workers=0, **fixed)
@@ -293,22 +313,42 @@ def test_a_trained_model_fine_tunes_to_new_classes_better_than_training_from_scr
     assert tuned.runs[0].metrics["top1"] >= scratch.runs[0].metrics["top1"] + 0.2  # 18 validation clips, 5 steps
 
 
-def test_weight_averaging_is_the_mean_of_the_saved_epoch_weights(small_folder, tmp_path):
+def test_weight_averaging_is_the_mean_of_the_weights_after_each_epoch(small_folder, tmp_path):
+    after_epoch = {}
+
+    def keep(record):  # state.pt is written before this is called: it holds the epoch's weights
+        state = torch.load(tmp_path / "wa" / "state.pt", weights_only=True)
+        after_epoch[record["epoch"]] = state["parts"]["model"]
+
     result = experiment.train(str(small_folder), tmp_path / "wa", arch="ast", size="tiny", init="none",
                               model_options=TINY, epochs=3, lr=1e-3, batch_size=6, wa_start=2, wa_end=3,
-                              num_workers=0, progress=False)
+                              num_workers=0, progress=False, on_epoch_end=keep)
     run = result.runs[0]
     assert run.selected == "wa" and run.epoch == 3
     recorded = json.loads((tmp_path / "wa" / "run.json").read_text())["resolved_recipe"]
     assert Recipe.from_dict(recorded).unresolved() == [] and recorded["select"] == "wa"
-    epochs = sorted((tmp_path / "wa" / "epochs").glob("*.safetensors"))
-    assert [p.name for p in epochs] == ["epoch_002.safetensors", "epoch_003.safetensors"]
-    a, b = (load_file(str(p)) for p in epochs)
+    a, b = after_epoch[2], after_epoch[3]
     final = load_file(str(tmp_path / "wa" / "model" / "model.safetensors"))
     assert set(final) == set(a)
     for key in final:
         assert torch.allclose(final[key], ((a[key].double() + b[key].double()) / 2).float(), atol=0, rtol=0), key
     assert not torch.equal(a["blocks.0.fc1.weight"], b["blocks.0.fc1.weight"])
+    assert sorted(p.name for p in (tmp_path / "wa").iterdir()) == [
+        "curves.png", "lengths.json", "log.csv", "log.jsonl", "model", "result.json", "run.json",
+        "statistics.json", "summary.json"]  # no file per epoch; state.pt removed once the run is done
+
+
+def test_weight_average_sums_in_float64_and_refuses_an_empty_range():
+    average = WeightAverage()
+    with pytest.raises(UsageError, match="no epoch weights"):
+        average.mean()
+    big, small = torch.tensor([1e8], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float32)
+    for value in (big, small, small, -big):
+        average.add({"w": value})
+    assert average.mean()["w"].item() == 0.5  # (1e8 + 1 + 1 - 1e8) / 4: a float32 sum would lose the ones
+    restored = WeightAverage()
+    restored.load_state_dict(average.state_dict())
+    assert restored.count == 4 and torch.equal(restored.mean()["w"], average.mean()["w"])
 
 
 def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):
@@ -347,7 +387,7 @@ RUNNER = textwrap.dedent("""
     mode, data, out = sys.argv[1:4]
     kw = dict(arch="elastic", size="tiny", init="none", model_options={"dim": 64, "depth": 2, "heads": 2,
               "mlp_dim": 128, "max_frames": 128}, epochs=3, lr=1e-3, batch_size=2, seed=11, mixup=0.5,
-              noise=True, random_hop=True, token_dropout=0.2, num_workers=0, progress=False)
+              noise=True, random_hop=True, token_dropout=0.2, wa_start=1, wa_end=3, num_workers=0, progress=False)
     if mode == "straight":
         result = experiment.train(data, out, **kw)
     elif mode == "hang-after-epoch-1":

@@ -9,8 +9,8 @@ Output directory (one ``foldK/`` per fold for folded datasets, the same files at
     run.json              what was run (dataset, model source, recipe): ``resume`` needs nothing else
     lengths.json          clip lengths from the audio headers (ElasticAST and data-derived windows)
     statistics.json       normalisation statistics fitted to the training clips (a new model without given ones)
-    foldK/state.pt        resumable training state (weights_only torch file), removed when the fold is done
-    foldK/epochs/         per-epoch weights inside the weight-averaging range (safetensors)
+    foldK/state.pt        resumable training state (weights_only torch file, with the weight average so far),
+                          removed when the fold is done
     foldK/log.jsonl/.csv  one record per epoch; foldK/curves.png when matplotlib is installed
     foldK/model/          the final model (config.json + model.safetensors), loadable by ``ast tag``
     foldK/result.json     final validation and test metrics, the linear probe's; marks the fold as done
@@ -56,6 +56,8 @@ from astcli.train.statistics import cached_statistics, sample_indices, save_stat
 from astcli.train.trainer import FitResult, RunOptions, fit, unreadable_reporter
 
 KINDS = ("finetune", "train")
+FINAL_MODEL = {"wa": "weight average of epochs {r.wa_start}-{r.wa_end}", "best": "the best epoch on validation",
+               "last": "the last epoch"}  # the plan line's words for each selection
 
 
 @dataclass
@@ -273,7 +275,7 @@ class _Experiment:
 
     def plan(self, device) -> str:
         """One line on what the run will do: classes, device, data, clips and optimizer steps per epoch, schedule,
-        statistics."""
+        statistics, how the final model is chosen."""
         r, split, c = self.recipe, self.splits[0], self.base.config
         batches = batches_per_epoch(c, split, window=r.window, budget=r.batch_tokens, world=self.dist.world)
         steps = -(-batches // r.grad_accum)
@@ -284,7 +286,8 @@ class _Experiment:
                 f"({r.batch_tokens} tokens), {steps} steps per epoch, {r.epochs} epochs"
                 f"{f' (at least {r.min_steps} steps)' if r.min_steps else ''}; {r.optimizer} lr {r.lr:g}, "
                 f"warm-up {r.warmup_steps} steps, x{r.lr_decay:g} per epoch after epoch {r.lr_decay_start}; "
-                f"statistics mean {r.mean:.4f} std {r.std:.4f} from {self.statistics['source']}")
+                f"statistics mean {r.mean:.4f} std {r.std:.4f} from {self.statistics['source']}; "
+                f"final model: {FINAL_MODEL[r.select].format(r=r)}")
 
     def baseline(self, split: Split) -> dict:
         """The linear probe fitted on (up to ``PROBE_CLIPS`` of) the split's training clips and scored on its test

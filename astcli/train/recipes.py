@@ -20,9 +20,10 @@ scratch   a new model without pretrained weights on a dataset without a publishe
           0.999, weight decay 0.05), lr by model size (tiny 1e-4, small 5e-5, base 2.5e-5), 20 epochs of 16 clips
           per step and at least 1200 steps (more epochs for small datasets, the decay start scaled alike; not
           when the epochs are given), warm-up over ~5% of the steps, lr x0.85 per epoch after epoch 10
-          (half the epochs), gradient norm clipped to 1,
-          no SpecAugment and no token dropout (a short run from scratch underfits; both slowed it), statistics
-          fitted to the training clips. Measurements behind it: docs/training.md.
+          (half the epochs), gradient norm clipped to 1, AST's feature noise (its time roll at 128 reference
+          frames), no SpecAugment and no token dropout (a short run from scratch underfits; both slowed it),
+          statistics fitted to the training clips; the final model is the weight average of the last third
+          of the epochs. Measurements behind it: docs/training.md.
 ========  ==============================================================================================
 
 ``batch_size`` counts clips: the token budget of a batch is ``batch_size`` times the mean tokens of the training
@@ -54,6 +55,7 @@ SPEECHCOMMANDS_STATS = (-6.845978, 5.5654526)
 SCRATCH_LR = {"tiny": 1e-4, "small": 5e-5, "base": 2.5e-5}  # peak lr of a new model by size (AdamW, 16 clips)
 SCRATCH_EPOCHS = 20  # measured: docs/training.md
 SCRATCH_MIN_STEPS = 1200  # optimizer steps a new model gets at least (small datasets: more epochs)
+SCRATCH_WA_SHARE = 1 / 3  # a new model is the weight average of its last third of epochs (docs/training.md)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Recipe:
     hop_choices: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0)
     wa_start: int | None = None  # weight averaging over epochs wa_start..wa_end (1-based, inclusive)
     wa_end: int | None = None
+    wa_share: float = 0.0  # without wa_start/wa_end: average the last this share of the epochs (0 = none)
     select: str | None = None  # final model: "last" | "best" | "wa"; None = wa if set, else best (last w/o val)
     grad_accum: int = 1
     clip_grad: float | None = None  # max gradient norm
@@ -151,7 +154,9 @@ class Recipe:
             ("wa_start", wa_range, f"must satisfy 1 <= wa_start <= wa_end <= epochs ({self.epochs})"),
             ("select", self.select in (None, *SELECTIONS),
              f"must be one of {', '.join(SELECTIONS)} (got {self.select!r})"),
-            ("select", self.select != "wa" or self.wa_start is not None, "wa needs wa_start and wa_end"),
+            ("wa_share", 0.0 <= self.wa_share <= 1.0, f"is a share of the epochs in [0, 1] (got {self.wa_share:g})"),
+            ("select", self.select != "wa" or self.wa_start is not None or self.wa_share > 0,
+             "wa needs wa_start and wa_end (or wa_share)"),
             ("grad_accum", self.grad_accum >= 1, "must be at least 1"),
             ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be positive"),
             ("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)"),
@@ -209,9 +214,9 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
             raise ParameterError("size", f"must be one of {', '.join(SCRATCH_LR)} (got {size!r})")
         return Recipe(
             name="scratch", lr=SCRATCH_LR[size], epochs=SCRATCH_EPOCHS, batch_size=16, window=None, freqm=0,
-            timem=0, reference_frames=512, mixup=0.0, loss=loss, optimizer="adamw", betas=(0.9, 0.999),
+            timem=0, reference_frames=128, mixup=0.0, loss=loss, optimizer="adamw", betas=(0.9, 0.999),
             weight_decay=0.05, warmup_steps=None, lr_decay=0.85, lr_decay_start=SCRATCH_EPOCHS // 2,
-            token_dropout=0.0, clip_grad=1.0, min_steps=SCRATCH_MIN_STEPS,
+            token_dropout=0.0, clip_grad=1.0, min_steps=SCRATCH_MIN_STEPS, noise=True, wa_share=SCRATCH_WA_SHARE,
         )
     return Recipe(
         name="custom", lr=1e-5 if from_tagger else 1e-4, epochs=10, batch_size=32, window=None, freqm=24,
@@ -250,6 +255,7 @@ def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: 
     batch_tokens    ``batch_size`` clips of the mean training-clip length (a full window where lengths are unknown)
     epochs          raised until the run takes ``min_steps`` optimizer steps (``lr_decay_start`` scaled alike)
     warmup_steps    min(1000, round(5 % of all optimizer steps)), steps counted at the model's hop
+    wa_start/end    the last ``wa_share`` of the (final) epochs when ``wa_share`` > 0 and neither is given
     select          "wa" with weight averaging, else "best" with a validation split, else "last"
     ==============  ============================================================================================
 
@@ -276,17 +282,25 @@ def resolve_recipe(recipe: Recipe, *, command: str, config: ModelConfig, split: 
         std=(statistics or (config.mean, config.std))[1] if recipe.std is None else recipe.std,
         batch_tokens=recipe.batch_tokens or math.ceil(recipe.batch_size * mean_clip_tokens(fitted, split,
                                                                                              window=window)),
-        select=recipe.select or ("wa" if recipe.wa_start is not None else ("best" if split.validation else "last")),
     )
-    if not resolved.min_steps and resolved.warmup_steps is not None:
-        return resolved
-    batches = batches_per_epoch(fitted, split, window=window, budget=resolved.batch_tokens, world=world)
-    per_epoch = -(-batches // resolved.grad_accum)
-    if per_epoch * resolved.epochs < resolved.min_steps:
-        epochs = -(-resolved.min_steps // per_epoch)
-        resolved = resolved.replace(epochs=epochs,
-                                    lr_decay_start=round(resolved.lr_decay_start * epochs / resolved.epochs))
-    if resolved.warmup_steps is None:
-        steps = per_epoch * resolved.epochs
-        resolved = resolved.replace(warmup_steps=min(WARMUP_MAX, round(WARMUP_SHARE * steps)))
-    return resolved
+    if resolved.min_steps or resolved.warmup_steps is None:
+        batches = batches_per_epoch(fitted, split, window=window, budget=resolved.batch_tokens, world=world)
+        per_epoch = -(-batches // resolved.grad_accum)
+        if per_epoch * resolved.epochs < resolved.min_steps:
+            epochs = -(-resolved.min_steps // per_epoch)
+            resolved = resolved.replace(epochs=epochs,
+                                        lr_decay_start=round(resolved.lr_decay_start * epochs / resolved.epochs))
+        if resolved.warmup_steps is None:
+            steps = per_epoch * resolved.epochs
+            resolved = resolved.replace(warmup_steps=min(WARMUP_MAX, round(WARMUP_SHARE * steps)))
+    return _with_selection(resolved, bool(split.validation))
+
+
+def _with_selection(recipe: Recipe, validated: bool) -> Recipe:
+    """``recipe`` with its weight-averaging range (the last ``wa_share`` of the epochs, unless given, and not
+    for another explicit ``select``) and its final-model selection decided."""
+    if recipe.wa_start is None and recipe.wa_share > 0 and recipe.select in (None, "wa"):
+        averaged = max(1, math.ceil(recipe.wa_share * recipe.epochs - 1e-9))
+        recipe = recipe.replace(wa_start=recipe.epochs - averaged + 1, wa_end=recipe.epochs)
+    return recipe.replace(select=recipe.select or ("wa" if recipe.wa_start is not None else
+                                                   ("best" if validated else "last")))

@@ -1,7 +1,8 @@
-"""Training state on disk: the resumable checkpoint of a fit (``state.pt``), per-epoch weights and their average.
+"""Training state on disk: the resumable checkpoint of a fit (``state.pt``), with the running weight average.
 
 ``state.pt`` holds everything an exact resume needs (weights, optimizer, gradient scaler, sampler, torch RNG
-state, where the run stands) as tensors and primitives, so it loads with ``torch.load(weights_only=True)``.
+state, where the run stands, the weight average so far) as tensors and primitives, so it loads with
+``torch.load(weights_only=True)``.
 Every file is written to a temporary name, synced and renamed, so a crash never leaves a half-written one.
 """
 
@@ -12,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from astcli.errors import UsageError
 from astcli.files import save_torch
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def _fresh_partial() -> dict:
@@ -95,21 +95,33 @@ def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
                          list(state["history"]), dict(state["best"]), {int(k): v for k, v in state["bad"].items()})
 
 
-def epoch_weights(out_dir: Path, epoch: int) -> Path:
-    """Where the weights of ``epoch`` are kept for weight averaging."""
-    return out_dir / "epochs" / f"epoch_{epoch:03d}.safetensors"
+class WeightAverage:
+    """Running sum of a model's weights over epochs, for AST's weight averaging (the element-wise mean of the
+    weights after each epoch of a range), accumulated in float64. One sum instead of a file per epoch, so the
+    disk a run needs does not grow with its epochs; it is saved inside ``state.pt`` (``state_dict`` /
+    ``load_state_dict``), so a resumed run goes on with the same sum."""
 
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+        self.count = 0
 
-def average_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of saved state dicts (AST's weight averaging), accumulated in float64.
+    def add(self, weights: dict[str, torch.Tensor]) -> None:
+        """Add one epoch's ``state_dict()``."""
+        for key, value in weights.items():
+            value = value.detach().to("cpu", torch.float64)
+            self.total[key] = self.total[key] + value if key in self.total else value
+        self.count += 1
 
-    Raises UsageError when ``files`` is empty or one is missing."""
-    if not files:
-        raise UsageError("weight averaging found no saved epoch weights")
-    total: dict[str, torch.Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise UsageError(f"weight averaging needs {path}, which is missing")
-        for key, value in load_file(str(path)).items():
-            total[key] = total[key] + value.double() if key in total else value.double()
-    return {k: (v / len(files)).float() for k, v in total.items()}
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The element-wise mean of the weights added so far, as float32.
+
+        Raises UsageError when nothing was added."""
+        if not self.count:
+            raise UsageError("weight averaging found no epoch weights to average")
+        return {key: (value / self.count).float() for key, value in self.total.items()}
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "total": dict(self.total)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.total = int(state["count"]), dict(state["total"])

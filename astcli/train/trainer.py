@@ -37,7 +37,7 @@ from astcli.train.metrics import evaluate
 from astcli.train.optimization import amp_dtype, learning_rate, loss, make_optimizer
 from astcli.train.recipes import Recipe
 from astcli.train.signals import StopFlag
-from astcli.train.state import TrainingState, average_weights, epoch_weights, load_state, save_state
+from astcli.train.state import TrainingState, WeightAverage, load_state, save_state
 
 
 def _speed(loss_value: float, clips_per_s: float) -> str:
@@ -142,6 +142,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.progress = Progress(bool(run.progress) and self.dist.main)
         self.state = TrainingState()
+        self.average = WeightAverage() if recipe.wa_start is not None and self.dist.main else None
 
     # -- state file
 
@@ -151,7 +152,7 @@ class Trainer:
 
     def _parts(self) -> tuple[dict, dict]:
         parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
-                 "sampler": self.planner.sampler}
+                 "sampler": self.planner.sampler, "average": self.average}
         s = self.split
         return parts, {"train": len(s.train), "val": len(s.validation), "classes": len(s.dataset.classes)}
 
@@ -288,9 +289,8 @@ class Trainer:
         value = metrics.get(self.metric)
         value = -math.inf if value is None or not math.isfinite(value) else float(value)
         improved = bool(metrics) and value > s.best["value"]
-        if self.dist.main and r.wa_start is not None and r.wa_start <= epoch <= r.wa_end:
-            epoch_weights(self.out, epoch).parent.mkdir(exist_ok=True)
-            files.save_tensors(self.model.state_dict(), epoch_weights(self.out, epoch))
+        if self.average is not None and r.wa_start <= epoch <= r.wa_end:
+            self.average.add(self.model.state_dict())
         if self.dist.main and improved:
             files.save_tensors(self.model.state_dict(), self.out / "best.safetensors")
         if improved:
@@ -308,8 +308,7 @@ class Trainer:
         """Load the selected weights into the model; the validation metrics they stand for and their epoch."""
         s, r = self.state, self.recipe
         if select == "wa":
-            files = [epoch_weights(self.out, e) for e in range(r.wa_start, r.wa_end + 1)]
-            self.model.load_state_dict(average_weights(files))
+            self.model.load_state_dict(self.average.mean())
             return self.evaluate(self.split.validation, shard=False)[0], r.wa_end
         if select == "best":
             self.model.load_state_dict(load_file(str(self.out / "best.safetensors")))
