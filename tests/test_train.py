@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,8 +34,8 @@ from astcli.train.datasets import load_dataset, run_splits
 from astcli.train.logs import TIMING_KEYS
 from astcli.train.optimization import learning_rate, make_optimizer
 from astcli.train.probe import clip_features, probe_split
-from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
-from astcli.train.state import WeightAverage
+from astcli.train.recipes import Recipe, recipe_for, resolve_recipe, with_overrides
+from astcli.train.state import TrainingState, WeightAverage, load_state, save_state
 from astcli.train.statistics import fbank_statistics
 from astcli.train.trainer import RunOptions, fit
 
@@ -210,6 +211,18 @@ def test_one_function_derives_every_default_the_recipe_leaves_open(small_folder)
         resolve_recipe(share.replace(select="best"), command="train", config=config, split=split))]
     assert averaged == [(14, 20, "wa"), (9, 13, "wa"), (1, 1, "wa"), (21, 30, "wa"), (2, 3, "wa"), (None, None, "best")]
     assert Recipe(select="wa", wa_share=0.5).select == "wa"
+    # a share asked for replaces a published recipe's own selection (ESC-50: last) and range (AudioSet: 1-5)
+    for name in ("esc50", "audioset"):
+        asked = with_overrides(recipe_for(name), {"wa_share": 0.4, "epochs": 10})
+        assert (asked.wa_start, asked.select, asked.min_steps) == (None, None, 0)
+        resolved = resolve_recipe(asked, command="train", config=config, split=split)
+        assert (resolved.wa_start, resolved.wa_end, resolved.select) == (7, 10, "wa")
+    kept = with_overrides(recipe_for("esc50"), {"wa_share": 0.4, "select": "best"})
+    assert resolve_recipe(kept, command="train", config=config, split=split).wa_start is None
+    assert with_overrides(recipe_for("audioset"), {"lr": 1e-4}).wa_start == 1  # no share asked: the recipe's
+    with pytest.raises(ParameterError, match="goes without wa_start") as caught:
+        with_overrides(recipe_for("x", pretrained="none", size="tiny"), {"wa_share": 0.5, "wa_start": 2})
+    assert caught.value.parameter == "wa_share"
     for bad in (-0.1, 1.5):
         with pytest.raises(ParameterError, match="share of the epochs") as caught:
             open_recipe.replace(wa_share=bad)
@@ -349,6 +362,23 @@ def test_weight_average_sums_in_float64_and_refuses_an_empty_range():
     restored = WeightAverage()
     restored.load_state_dict(average.state_dict())
     assert restored.count == 4 and torch.equal(restored.mean()["w"], average.mean()["w"])
+
+
+def test_a_state_saved_for_other_epochs_or_another_range_is_refused_by_name(tmp_path):
+    saved = {"train": 10, "val": 2, "classes": 3, "epochs": 20, "averaged": [14, 20]}
+    save_state(tmp_path / "state.pt", TrainingState(epoch=3), {"model": torch.nn.Linear(2, 2)}, saved)
+    assert load_state(tmp_path / "state.pt", {"model": torch.nn.Linear(2, 2)}, dict(saved)).epoch == 3
+    differs = re.escape("another run (epochs 20 (now 22), averaged [14, 20] (now [15, 22]))")
+    with pytest.raises(UsageError, match=differs):
+        load_state(tmp_path / "state.pt", {"model": torch.nn.Linear(2, 2)},
+                   {**saved, "epochs": 22, "averaged": [15, 22]})
+
+
+def test_a_share_with_a_range_is_a_usage_error_before_anything_is_written(small_folder, tmp_path):
+    with pytest.raises(ParameterError, match="goes without wa_start"):
+        experiment.train(str(small_folder), tmp_path / "out", arch="elastic", size="tiny", init="none",
+                         model_options=TINY, wa_share=0.5, wa_start=1, wa_end=2, num_workers=0)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_audio_is_counted_and_reported_once(tmp_path, capsys):

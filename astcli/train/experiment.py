@@ -50,7 +50,7 @@ from astcli.train.models import (
 )
 from astcli.train.optimization import AMP_MODES, amp_dtype
 from astcli.train.probe import PROBE_CLIPS, clip_features, probe_split
-from astcli.train.recipes import Recipe, recipe_for, resolve_recipe
+from astcli.train.recipes import Recipe, check_averaging, recipe_for, resolve_recipe, with_overrides
 from astcli.train.signals import stop_on_signals
 from astcli.train.statistics import cached_statistics, sample_indices, save_statistics
 from astcli.train.trainer import FitResult, RunOptions, fit, unreadable_reporter
@@ -231,9 +231,8 @@ class _Experiment:
         if dist.main:
             dist.barrier()
         pretrained = "audioset" if spec.kind == "finetune" else spec.init
-        given_epochs = {"min_steps": 0} if "epochs" in spec.overrides else {}  # --epochs is taken as given
-        recipe = recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label,
-                            size=spec.size).replace(**{**given_epochs, **spec.overrides})
+        recipe = with_overrides(recipe_for(ds.name, pretrained=pretrained, multi_label=ds.multi_label,
+                                           size=spec.size), spec.overrides)
         model = pretrained_model(spec.model) if spec.kind == "finetune" else None
         config = model.config if model is not None else architecture(
             spec.arch, spec.size, ds.classes, recipe.window, spec.model_options)
@@ -452,4 +451,5 @@ def _overrides(values: dict) -> dict:
     """Recipe overrides without Nones, checked against the Recipe fields now (not at the first epoch)."""
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if v is not None}
     Recipe().replace(**{k: v for k, v in clean.items() if k not in ("wa_start", "wa_end", "select")})
+    check_averaging(clean)
     return clean

@@ -224,6 +224,24 @@ def recipe_for(dataset: str, *, pretrained: str = "audioset", multi_label: bool 
     )
 
 
+def check_averaging(overrides: dict) -> None:
+    """Raise ParameterError when ``overrides`` give ``wa_share`` together with ``wa_start``/``wa_end``."""
+    if "wa_share" in overrides and ({"wa_start", "wa_end"} & set(overrides)):
+        raise ParameterError("wa_share", "goes without wa_start/wa_end, which name the averaged epochs themselves")
+
+
+def with_overrides(recipe: Recipe, overrides: dict) -> Recipe:
+    """``recipe`` with the user's ``overrides`` (recipe field -> value) applied: given ``epochs`` are taken as
+    given (no step floor), and a given ``wa_share`` replaces the recipe's own averaging range and final-model
+    selection (unless ``select`` is given too). Raises ParameterError for a bad value, or for ``wa_share``
+    together with ``wa_start``/``wa_end``."""
+    check_averaging(overrides)
+    if "wa_share" in overrides:
+        recipe = dataclasses.replace(recipe, wa_start=None, wa_end=None, select=None)
+    given_epochs = {"min_steps": 0} if "epochs" in overrides else {}
+    return recipe.replace(**{**given_epochs, **overrides})
+
+
 # -- one place where every "derive it" default is decided ----------------------------------------------
 
 COMMANDS = ("finetune", "train")

@@ -76,7 +76,8 @@ def save_state(path: Path, progress: TrainingState, parts: dict, data: dict) -> 
 def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
     """Load ``state.pt`` into the objects of ``parts`` and the torch RNG and return where the fit stood; None
     when there is no file. Raises UsageError for an unreadable file, another version, or a state saved for
-    another split (``data`` differs)."""
+    another run (``data`` differs: the split's sizes, or the epochs and averaged range, which the step floor
+    derives from the number of processes)."""
     if not path.is_file():
         return None
     try:
@@ -86,7 +87,9 @@ def load_state(path: Path, parts: dict, data: dict) -> TrainingState | None:
     if state.get("version") != STATE_VERSION:
         raise UsageError(f"{path}: training state version {state.get('version')} is not supported")
     if state["data"] != data:
-        raise UsageError(f"{path}: saved for a different dataset split; resume with the same data")
+        other = ", ".join(f"{key} {state['data'].get(key)} (now {value})" for key, value in data.items()
+                          if state["data"].get(key) != value)
+        raise UsageError(f"{path}: saved for another run ({other}); resume with the same data and processes")
     for name, part in parts.items():
         if part is not None and state["parts"][name]:
             part.load_state_dict(state["parts"][name])

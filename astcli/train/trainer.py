@@ -142,7 +142,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.progress = Progress(bool(run.progress) and self.dist.main)
         self.state = TrainingState()
-        self.average = WeightAverage() if recipe.wa_start is not None and self.dist.main else None
+        self.average = WeightAverage() if recipe.select == "wa" and self.dist.main else None
 
     # -- state file
 
@@ -153,8 +153,9 @@ class Trainer:
     def _parts(self) -> tuple[dict, dict]:
         parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
                  "sampler": self.planner.sampler, "average": self.average}
-        s = self.split
-        return parts, {"train": len(s.train), "val": len(s.validation), "classes": len(s.dataset.classes)}
+        s, r = self.split, self.recipe
+        return parts, {"train": len(s.train), "val": len(s.validation), "classes": len(s.dataset.classes),
+                       "epochs": r.epochs, "averaged": [r.wa_start, r.wa_end]}
 
     def save_state(self) -> None:
         if self.dist.main:
